@@ -1,0 +1,91 @@
+"""``python -m rayexp.train CONFIG.yaml [key=value ...]``: one training run, no Ray.
+
+Prints a line per log step and a final line with train/val loss; logs to MLflow (local store
+``./mlflow.db`` unless ``tracking.uri`` is set) unless ``--no-mlflow``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+
+from rayexp.config import ConfigError, load_experiment
+
+
+class ConsoleReporter:
+    """Prints one line per report: step, losses, learning rate, throughput."""
+
+    def __init__(self, total_steps: int):
+        self.total, self.t0 = total_steps, time.perf_counter()
+
+    def report(self, step, metrics, checkpoint_dir=None):
+        parts = [f"step {step:>5}/{self.total}"]
+        for key, fmt in (("train_loss", "train {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+                         ("tokens_per_s", "{:,.0f} tok/s")):
+            if key in metrics:
+                parts.append(fmt.format(metrics[key]))
+        parts.append(f"{time.perf_counter() - self.t0:6.1f}s")
+        print(" | ".join(parts), flush=True)
+
+
+class FanOut:
+    """Sends each report to several reporters; stops when any asks to."""
+
+    def __init__(self, *reporters):
+        self.reporters = [r for r in reporters if r is not None]
+
+    def report(self, step, metrics, checkpoint_dir=None):
+        return any([bool(r.report(step, metrics, checkpoint_dir)) for r in self.reporters])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rayexp.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", help="experiment YAML (default: embedded defaults: gpt2-tiny, builtin corpus)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-3 train.steps=100")
+    ap.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue from a checkpoint directory")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    args = ap.parse_args(argv)
+    if args.config and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        exp = load_experiment(args.config, args.overrides)
+        return _run(exp, args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(exp, args) -> int:
+    from rayexp import tracking
+    from rayexp.train.loop import run_training
+
+    mlf = None
+    if not args.no_mlflow:
+        key = hashlib.sha1((exp.to_yaml() + str(time.time())).encode()).hexdigest()[:16]
+        mlf = tracking.MlflowReporter(exp.tracking.uri, exp.tracking.experiment or exp.name, exp, key)
+    print(f"rayexp.train: {exp.model.preset or exp.model.kind} | {exp.optimizer.name} lr={exp.optimizer.lr:g} | "
+          f"{exp.data.corpus}/{exp.data.tokenizer} | {exp.train.steps} steps", flush=True)
+    status = "failed"
+    try:
+        result = run_training(exp, FanOut(ConsoleReporter(exp.train.steps), mlf), resume_from=args.resume)
+        status = result.status
+    finally:
+        if mlf is not None:
+            if status != "failed" and result.checkpoint_dir:
+                tracking.log_checkpoint(mlf.run_id, result.checkpoint_dir, mlf.uri)
+            mlf.finish(status, {"train_loss": result.train_loss, "val_loss": result.val_loss} if status != "failed" else None)
+    print(f"final: status={result.status} step={result.step} train_loss={result.train_loss:.4f} "
+          f"val_loss={result.val_loss:.4f} tokens/s={result.tokens_per_s:,.0f}", flush=True)
+    if mlf is not None:
+        print(f"mlflow run {mlf.run_id} in {mlf.uri}  (UI: {tracking.ui_command(mlf.uri)})")
+    return 0 if result.status != "failed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Checkpoints: one directory holding model weights, optimizer state, loop state and the config.
+
+Layout of a checkpoint directory::
+
+    model.pt      state_dict of the (unwrapped) model
+    optim.pt      optimizer state_dict
+    state.pt      loop state: step, history, initial loss, RNG states, vocab size, extra
+    config.yaml   the resolved Experiment
+
+Writes go to a temporary sibling directory renamed into place, so a killed process never leaves a
+half-written checkpoint behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import yaml
+
+from rayexp.config import ConfigError, Experiment, validate
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, step: int, exp: Experiment,
+                    extra: dict | None = None) -> str:
+    """Write a checkpoint of ``model``/``optimizer`` at ``step`` to ``path`` (atomically); returns it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(unwrap(model).state_dict(), tmp / "model.pt")
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optim.pt")
+    torch.save({"step": step, **(extra or {})}, tmp / "state.pt")
+    (tmp / "config.yaml").write_text(exp.to_yaml())
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def _check_dir(path) -> Path:
+    path = Path(path)
+    if not (path / "model.pt").is_file() or not (path / "config.yaml").is_file():
+        raise ConfigError(f"checkpoint {str(path)!r} not found (expected a directory with model.pt and config.yaml)")
+    return path
+
+
+def load_state(path) -> dict:
+    """The loop state saved with a checkpoint (step, history, RNG states, ...)."""
+    return torch.load(_check_dir(path) / "state.pt", map_location="cpu", weights_only=False)
+
+
+def load_experiment(path) -> Experiment:
+    """The resolved Experiment stored with a checkpoint."""
+    return validate(yaml.safe_load((_check_dir(path) / "config.yaml").read_text()), str(path))
+
+
+def load_model(path, **model_overrides) -> tuple[nn.Module, Experiment, int]:
+    """Rebuild the model of a checkpoint, with weights, on CPU.
+
+    ``model_overrides`` replace fields of the ``model`` section that do not change the weights,
+    e.g. ``load_model(p, attention="naive", dropout=0.0)`` for Hessian work.
+    Returns ``(model, experiment, vocab_size)``.
+    """
+    from rayexp.train.loop import build_model
+
+    exp = load_experiment(path)
+    if model_overrides:
+        model_cfg = type(exp.model).model_validate({**exp.model.model_dump(), **model_overrides})
+        exp = exp.model_copy(update={"model": model_cfg})
+    vocab_size = int(load_state(path)["vocab_size"])
+    model = build_model(exp, vocab_size)
+    model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
+    return model, exp, vocab_size

@@ -1,0 +1,316 @@
+"""One worker's training loop: a plain function of an Experiment and a reporter (no Ray, no MLflow).
+
+Determinism: the batch of step ``s`` is drawn from a generator seeded by ``(seed, s)``, so a run
+resumed from a checkpoint sees exactly the batches of an uninterrupted one. Each optimizer step
+draws one *global* batch of ``world × grad_accum × batch_size`` sequences and rank ``r`` takes its
+slice, so ``W`` DDP workers at batch ``B`` follow the same trajectory as one worker at ``W·B``
+(``train.batch_size`` is per worker, as in nanoGPT). Validation uses ``eval_batches`` fixed batches.
+
+Divergence: a non-finite training loss, or one above ``diverge_factor ×`` the first step's loss,
+stops the run with status ``diverged``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rayexp.config import ConfigError, Experiment
+from rayexp.train.checkpoint import load_state, save_checkpoint, unwrap
+
+EVAL_SEED = 1_234_567
+
+
+class Reporter(Protocol):
+    def report(self, step: int, metrics: dict, checkpoint_dir: Optional[str]) -> Optional[bool]:
+        """Receive metrics of ``step`` (and a checkpoint directory); return True to stop the run."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | diverged | stopped
+    step: int
+    train_loss: float
+    val_loss: float
+    tokens_per_s: float
+    history: list = field(default_factory=list)
+    checkpoint_dir: Optional[str] = None
+
+
+def build_model(exp: Experiment, vocab_size: int) -> nn.Module:
+    """The model ``exp.model`` describes (GPT-2 or a baseline from ``rayexp.models.cnn``)."""
+    if exp.model.kind == "gpt2":
+        from rayexp.models.gpt2 import GPT, gpt_config
+        try:
+            return GPT(gpt_config(exp.model, vocab_size))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    from rayexp.models import cnn
+    return cnn.build(exp.model, vocab_size)
+
+
+def block_size_of(exp: Experiment) -> int:
+    """Sequence length the model trains on."""
+    from rayexp.models.gpt2 import PRESETS
+    if exp.model.block_size is not None:
+        return exp.model.block_size
+    return PRESETS[exp.model.preset or "gpt2-tiny"]["block_size"]
+
+
+def lr_at(step: int, exp: Experiment) -> float:
+    """Learning rate of ``step`` (1-based): linear warmup, then cosine/linear decay to
+    ``min_lr_ratio · lr`` at ``train.steps`` (or constant)."""
+    t, base = exp.train, exp.optimizer.lr
+    if step <= t.warmup:
+        return base * step / max(t.warmup, 1)
+    if t.schedule == "constant":
+        return base
+    frac = (step - t.warmup) / max(t.steps - t.warmup, 1)
+    decay = 0.5 * (1 + math.cos(math.pi * frac)) if t.schedule == "cosine" else 1 - frac
+    return base * (t.min_lr_ratio + (1 - t.min_lr_ratio) * decay)
+
+
+def _device(exp: Experiment) -> torch.device:
+    want = exp.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; allowed here: auto, cpu")
+        idx = int(os.environ.get("LOCAL_RANK", 0)) if dist.is_initialized() else 0
+        return torch.device("cuda", idx % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _step_indices(n_tokens: int, block: int, count: int, seed: int, step: int) -> torch.Tensor:
+    """``count`` random window starts for ``step``, identical on every rank and every resume."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(n_tokens - block - 1, (count,), generator=g)
+
+
+def _windows(tokens: np.ndarray, starts: torch.Tensor, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([tokens[s:s + block + 1] for s in starts.tolist()]).astype(np.int64)
+    xy = torch.from_numpy(rows).to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val: np.ndarray, exp: Experiment, device, autocast) -> float:
+    """Mean loss over ``train.eval_batches`` fixed validation batches of ``train.batch_size``."""
+    block, bs = block_size_of(exp), exp.train.batch_size
+    starts = _step_indices(len(val), block, exp.train.eval_batches * bs, EVAL_SEED, 0)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for chunk in starts.split(bs):
+        x, y = _windows(val, chunk, block, device)
+        with autocast:
+            losses.append(model(x, y)[1].item())
+    model.train(was_training)
+    return float(np.mean(losses))
+
+
+def _block_grad_norms(model: nn.Module) -> dict:
+    return {f"grad_norm/{n}": p.grad.norm().item() for n, p in unwrap(model).named_parameters()
+            if p.grad is not None}
+
+
+def _check_data_fits(data, exp: Experiment) -> None:
+    block, bs = block_size_of(exp), exp.train.batch_size
+    if len(data.train) <= block + 1 or len(data.val) <= block + 1:
+        raise ConfigError(f"data.corpus {data.corpus!r} has {len(data.train)} train / {len(data.val)} val tokens, "
+                          f"too few for model.block_size={block}")
+    if bs * (block + 1) > len(data.train):
+        raise ConfigError(f"train.batch_size={bs} × block_size {block} = {bs * block} tokens exceeds the "
+                          f"train split of data.corpus {data.corpus!r} ({len(data.train)} tokens)")
+
+
+def run_training(exp: Experiment, reporter: Optional[Reporter] = None, resume_from: Optional[str] = None,
+                 workdir: Optional[str] = None,
+                 engine_factory: Optional[Callable] = None) -> TrainResult:
+    """Train ``exp`` for ``train.steps`` optimizer steps and return the outcome.
+
+    ``reporter.report(step, metrics, checkpoint_dir)`` is called every ``log_every`` steps, at every
+    eval and at the end; ``checkpoint_dir`` is set when a checkpoint was just written. ``resume_from``
+    continues from a checkpoint directory. Under ``torch.distributed`` the model is wrapped in DDP
+    (or handed to ``engine_factory(model, optimizer) -> engine`` for DeepSpeed).
+    """
+    from rayexp.data import load_tokens
+    from rayexp.optim import build_optimizer
+
+    rank, world = _world()
+    device = _device(exp)
+    torch.manual_seed(exp.seed)
+    data = load_tokens(exp.data, block_size_of(exp))
+    _check_data_fits(data, exp)
+    model = build_model(exp, data.vocab_size).to(device)
+    optimizer = build_optimizer(model, exp.optimizer, exp.rotation)
+    state = {"step": 0, "history": [], "init_loss": None, "tokens": 0}
+    if resume_from:
+        state = load_state(resume_from)
+        unwrap(model).load_state_dict(torch.load(Path(resume_from) / "model.pt", map_location=device))
+        optimizer.load_state_dict(torch.load(Path(resume_from) / "optim.pt", map_location=device,
+                                             weights_only=False))
+        torch.set_rng_state(state["rng"])
+    engine = None
+    if engine_factory is not None:
+        engine = engine_factory(model, optimizer)
+        model, optimizer = engine, engine.optimizer
+    elif world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if exp.train.compile:
+        model = torch.compile(model)
+    bf16 = exp.train.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    workdir = Path(workdir or Path(exp.output_dir) / "train")
+    loop = _Loop(exp, model, optimizer, engine, data, device, autocast, rank, world, workdir, reporter, state)
+    return loop.run()
+
+
+class _Loop:
+    """The state of one training run; ``run`` drives it step by step."""
+
+    def __init__(self, exp, model, optimizer, engine, data, device, autocast, rank, world, workdir, reporter, state):
+        self.exp, self.t = exp, exp.train
+        self.model, self.optimizer, self.engine = model, optimizer, engine
+        self.data, self.device, self.autocast = data, device, autocast
+        self.rank, self.world, self.workdir, self.reporter = rank, world, workdir, reporter
+        self.step, self.history = state["step"], state["history"]
+        self.init_loss, self.tokens = state["init_loss"], state["tokens"]
+        self.block = block_size_of(exp)
+        self.tokens_per_step = self.t.batch_size * self.t.grad_accum * world * self.block
+        self.last_ckpt: Optional[str] = None
+        self.val_loss = next((h["val_loss"] for h in reversed(self.history) if "val_loss" in h), float("nan"))
+        self.train_loss = next((h["train_loss"] for h in reversed(self.history) if "train_loss" in h), float("nan"))
+        self.tok_s = 0.0
+
+    # --- one optimizer step -------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[float, float]:
+        t, B = self.t, self.t.batch_size
+        lr = lr_at(step, self.exp)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        starts = _step_indices(len(self.data.train), self.block, t.grad_accum * self.world * B, self.exp.seed, step)
+        starts = starts.view(t.grad_accum, self.world, B)[:, self.rank]
+        loss_sum = 0.0
+        for micro in range(t.grad_accum):
+            x, y = _windows(self.data.train, starts[micro], self.block, self.device)
+            sync = micro == t.grad_accum - 1 or self.world == 1 or self.engine is not None
+            with (nullcontext() if sync else self.model.no_sync()), self.autocast:
+                loss = self.model(x, y)[1] / t.grad_accum
+            if self.engine is not None:
+                self.engine.backward(loss)
+            else:
+                loss.backward()
+            loss_sum += loss.item()
+        if self.world > 1:  # the logged loss is the global mean, identical on every rank
+            buf = torch.tensor([loss_sum], device=self.device)
+            dist.all_reduce(buf)
+            loss_sum = buf.item() / self.world
+        if self.engine is not None:
+            self.engine.step()
+            return loss_sum, float("nan")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if t.clip:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t.clip).item()
+        else:
+            gnorm = torch.norm(torch.stack([p.grad.norm() for p in params])).item()
+        self.optimizer.step()
+        return loss_sum, gnorm
+
+    def zero_grad(self):
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # --- bookkeeping --------------------------------------------------------------------------
+    def eval(self) -> float:
+        self.val_loss = evaluate(self.model, self.data.val, self.exp, self.device, self.autocast)
+        return self.val_loss
+
+    def checkpoint(self) -> Optional[str]:
+        """Rank 0 writes ``workdir/checkpoint_<step>`` and drops older ones."""
+        path = None
+        if self.rank == 0:
+            path = str(self.workdir / f"checkpoint_{self.step:06d}")
+            extra = {"history": self.history, "init_loss": self.init_loss, "tokens": self.tokens,
+                     "rng": torch.get_rng_state(), "vocab_size": self.data.vocab_size}
+            save_checkpoint(path, self.model, self.optimizer, self.step, self.exp, extra)
+            for old in self.workdir.glob("checkpoint_*"):
+                if str(old) != path and not old.name.endswith(".tmp"):
+                    shutil.rmtree(old, ignore_errors=True)
+        if self.world > 1:
+            dist.barrier()
+        self.last_ckpt = path
+        return path
+
+    def emit(self, metrics: dict, checkpoint: bool = False) -> bool:
+        """Record ``metrics`` of the current step, checkpoint if asked, report; True means stop."""
+        self.history.append({"step": self.step, **metrics})
+        ckpt = self.checkpoint() if checkpoint else None
+        if self.reporter is None:
+            return False
+        return bool(self.reporter.report(self.step, metrics, ckpt))
+
+    def diverged(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        if self.init_loss is None:
+            self.init_loss = loss
+        return loss > self.t.diverge_factor * self.init_loss
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        t = self.t
+        self.model.train()
+        if self.step == 0:
+            if self.emit({"val_loss": self.eval(), "lr": 0.0, "tokens": 0.0}):
+                return self.result("stopped")
+        status, window_t, window_tok = "finished", time.perf_counter(), 0
+        while self.step < t.steps:
+            self.step += 1
+            self.zero_grad()
+            loss, gnorm = self.train_step(self.step)
+            self.tokens += self.tokens_per_step
+            window_tok += self.tokens_per_step
+            self.train_loss = loss
+            if self.diverged(loss):
+                status = "diverged"
+                self.emit({"train_loss": loss if math.isfinite(loss) else float("nan"), "diverged": 1.0})
+                break
+            do_eval = self.step % t.eval_every == 0 or self.step == t.steps
+            do_ckpt = self.step % (t.checkpoint_every or t.eval_every) == 0 or self.step == t.steps
+            do_log = do_eval or do_ckpt or self.step % t.log_every == 0
+            if not do_log:
+                continue
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.tok_s = window_tok / max(time.perf_counter() - window_t, 1e-9)
+            metrics = {"train_loss": loss, "lr": lr_at(self.step, self.exp), "grad_norm": gnorm,
+                       "tokens": float(self.tokens), "tokens_per_s": self.tok_s}
+            if hasattr(self.optimizer, "metrics"):
+                metrics.update(self.optimizer.metrics())
+            if t.log_block_grad_norms and self.engine is None:
+                metrics.update(_block_grad_norms(self.model))
+            if do_eval:
+                metrics["val_loss"] = self.eval()
+            if self.emit(metrics, checkpoint=do_ckpt):
+                status = "stopped"
+                break
+            window_t, window_tok = time.perf_counter(), 0
+        return self.result(status)
+
+    def result(self, status: str) -> TrainResult:
+        return TrainResult(status=status, step=self.step, train_loss=self.train_loss, val_loss=self.val_loss,
+                           tokens_per_s=self.tok_s, history=self.history, checkpoint_dir=self.last_ckpt)
