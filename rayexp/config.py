@@ -87,21 +87,57 @@ class TrainConfig(_Strict):
     log_block_grad_norms: bool = True
 
 
+MADA_COEFS = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
+MADA_RANGES = {"beta1": (0.01, 0.99), "beta2": (0.501, 0.99), "beta3": (0.0, 0.99), "rho": (0.0, 1.0),
+               "c": (0.0, 1.0), "gamma": (0.0, 1.0)}
+
+
 class MadaConfig(_Strict):
-    """Initial MADA coefficients and their hyper learning rates (ALGORITHMS.md, MADA)."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    beta3: float = 0.0
-    rho: float = 0.6
-    c: float = 1.0
-    gamma: float = 1.0
+    """Initial MADA coefficients and their hyper learning rates (ALGORITHMS.md, MADA).
+
+    ``hyper_lr`` / ``hyper_momentum``: one number for all six coefficients, or a mapping from coefficient
+    name to value (missing names get 0, i.e. the coefficient stays fixed / no momentum).
+    """
+    beta1: float = Field(0.9, ge=0.01, le=0.99)
+    beta2: float = Field(0.95, ge=0.501, le=0.99)
+    beta3: float = Field(0.0, ge=0.0, le=0.99)
+    rho: float = Field(0.6, ge=0.0, le=1.0)
+    c: float = Field(1.0, ge=0.0, le=1.0)
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    eps: float = Field(1e-6, gt=0.0)  # the seed's value; optimizer.eps is not used by mada
     hyper_lr: Union[float, dict[str, float]] = Field(
         default_factory=lambda: {"beta1": 1e-3, "beta2": 1e-3, "beta3": 1e-2, "rho": 1e-2, "c": 1e-2,
                                  "gamma": 0.0})
     hyper_momentum: Union[float, dict[str, float]] = Field(default_factory=lambda: {"c": 0.5})
 
+    @field_validator("hyper_lr", "hyper_momentum")
+    @classmethod
+    def _per_coef(cls, v: Union[float, dict[str, float]], info) -> Union[float, dict[str, float]]:
+        values = v.values() if isinstance(v, dict) else [v]
+        if isinstance(v, dict):
+            bad = [k for k in v if k not in MADA_COEFS]
+            if bad:
+                raise ValueError(f"unknown coefficient {bad[0]!r}; allowed: {', '.join(MADA_COEFS)}")
+        if any(x < 0 for x in values):
+            raise ValueError(f"{info.field_name} must be >= 0")
+        if info.field_name == "hyper_momentum" and any(x >= 1 for x in values):
+            raise ValueError("hyper_momentum must lie in [0, 1)")
+        return v
+
+    def per_coef(self, field: str) -> dict[str, float]:
+        """``hyper_lr`` or ``hyper_momentum`` as a full {coefficient: value} mapping."""
+        v = getattr(self, field)
+        return {k: float(v.get(k, 0.0)) if isinstance(v, dict) else float(v) for k in MADA_COEFS}
+
 
 class OptimizerConfig(_Strict):
+    """Optimizer choice and its hyperparameters (rayexp.optim; ``python -m rayexp.optim --list``).
+
+    ``weight_decay``: coupled (L2 added to the gradient) for sgd/adam, decoupled (θ ← θ(1−lr·wd)) for
+    signum/adamw/mada; applied to tensors with ≥ 2 dims only (nanoGPT's grouping).
+    ``granularity`` / ``freeze_v_after``: adam/adamw second moment shared over coordinate | row | column |
+    tensor | global, and frozen after K steps.
+    """
     name: Literal["sgd", "signum", "adam", "adamw", "mada"] = "adamw"
     lr: float = Field(1e-3, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -121,12 +157,24 @@ class OptimizerConfig(_Strict):
                 raise ValueError(f"each beta must lie in [0, 1); got {list(v)}")
         return v
 
+    @model_validator(mode="after")
+    def _nesterov(self) -> "OptimizerConfig":
+        if self.nesterov and self.name == "sgd" and self.momentum == 0.0:
+            raise ValueError("optimizer.nesterov=true needs optimizer.momentum > 0")
+        return self
+
 
 class RotationConfig(_Strict):
+    """Run the optimizer in a rotated basis (rayexp.optim.rotation; ALGORITHMS.md, Rotations).
+
+    ``max_dim``: per_tensor/eigenbasis leave a matrix side longer than this unrotated (identity), so
+    e.g. a 50k-row embedding gets only its column rotation; ``global`` refuses models over 20k params.
+    """
     kind: Literal["none", "per_tensor", "global", "eigenbasis"] = "none"
     seed: int = 0
     update_every: int = Field(10, ge=1)  # eigenbasis refresh period
     ema: float = Field(0.95, ge=0.0, lt=1.0)  # eigenbasis statistics EMA
+    max_dim: int = Field(8192, ge=1)
 
 
 class AshaConfig(_Strict):

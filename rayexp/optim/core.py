@@ -1,0 +1,160 @@
+"""The one torch optimizer of the zoo: a family's small update function, a rotation, weight decay.
+
+A *family* (sgd.py, signum.py, adam.py, mada.py) is a few pure-ish functions in the optax spirit:
+
+    init(p, hp) -> state                 per-parameter state tensors
+    update(g, state, hp, ctx) -> d       the step direction (state updated in place); θ ← θ − lr·d
+
+``ZooOptimizer.step`` does, for gradients g already averaged by DDP / accumulated by the loop:
+
+    g ← g + wd·θ                         (coupled weight decay: sgd, adam)
+    g̃ ← R(g)                             (rotation.py; identity for kind none)
+    ctx ← hypergrad(...) / prepare(...)  (family hooks: MADA's coefficient step, Adam's global v)
+    d̃ ← update(g̃, state, hp, ctx);  θ ← θ·(1 − lr·wd) [decoupled: signum, adamw, mada];  θ ← θ − lr·R⁻¹(d̃)
+
+Hyperparameters live in ``param_groups`` (the train loop sets ``group["lr"]`` every step), per-parameter
+state in ``self.state`` and optimizer-wide state (step count, MADA coefficients) in ``self.extra``; all
+three round-trip through ``state_dict()`` / ``load_state_dict()``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from rayexp.config import RotationConfig
+from rayexp.optim.rotation import Rotation
+
+
+@dataclass(frozen=True)
+class Family:
+    """An optimizer family: its update rule and what the registry prints about it."""
+    name: str
+    description: str
+    init: Callable[[torch.Tensor, dict], dict]
+    update: Callable[[torch.Tensor, dict, dict, dict], torch.Tensor]
+    decoupled_wd: bool
+    options: tuple[str, ...]
+    state_floats: Callable[[object], float]  # floats of state per parameter for an OptimizerConfig
+    linear_state: tuple[str, ...] = ()  # state that transforms like the gradient (re-projected by eigenbasis)
+    prepare: Optional[Callable] = None  # (opt, items, rgrads) -> ctx, after the rotation refresh
+    hypergrad: Optional[Callable] = None  # (opt, items, rgrads) -> ctx, before the rotation refresh
+    init_extra: Optional[Callable[[dict], dict]] = None  # optimizer-wide state from the settings
+    metrics: Optional[Callable] = None  # (opt) -> dict[str, float]
+
+
+@dataclass
+class Item:
+    """One parameter taking part in this step."""
+    index: int  # position in the optimizer's flat parameter list (rotation seeds use it)
+    p: torch.Tensor
+    group: dict
+    g: torch.Tensor
+    state: dict = field(default_factory=dict)
+
+
+class ZooOptimizer(torch.optim.Optimizer):
+    """A torch optimizer running ``family`` in the basis given by ``rotation_cfg``.
+
+    ``defaults`` are the param-group hyperparameters; ``settings`` optimizer-wide ones (MADA's initial
+    coefficients and hyper learning rates), turned into ``self.extra`` by ``family.init_extra``.
+    """
+
+    def __init__(self, param_groups: list[dict], family: Family, defaults: dict,
+                 rotation_cfg: Optional[RotationConfig] = None, settings: Optional[dict] = None):
+        super().__init__(param_groups, defaults)
+        self.family = family
+        self.params_flat = [p for g in self.param_groups for p in g["params"]]
+        self.rotation = Rotation(self.params_flat, rotation_cfg or RotationConfig())
+        self.extra: dict = {"t": 0}
+        if family.init_extra is not None:
+            self.extra.update(family.init_extra(settings or {}))
+
+    # ------------------------------------------------------------------------------------------
+    def _items(self) -> list[Item]:
+        items, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                i, index = index, index + 1
+                g = p.grad
+                if g is None:
+                    if self.rotation.kind != "global":
+                        continue
+                    g = torch.zeros_like(p)  # a global rotation mixes every coordinate
+                if g.is_sparse:
+                    raise RuntimeError(f"{self.family.name}: sparse gradients are not supported")
+                if group["weight_decay"] and not self.family.decoupled_wd:
+                    g = g.add(p, alpha=group["weight_decay"])
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st.update(self.family.init(p, group))
+                items.append(Item(i, p, group, g, st))
+        return items
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step on the gradients in ``p.grad`` (see the module docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = self._items()
+        if not items:
+            return loss
+        t = self.extra["t"] = self.extra["t"] + 1
+        rot, fam = self.rotation, self.family
+        idx, states = [it.index for it in items], [it.state for it in items]
+        rot.accumulate([it.g for it in items], states)
+        if t == 1 and rot.due(t):
+            rot.refresh(states, fam.linear_state)
+        rgrads = rot.rotate(idx, [it.g for it in items], states)
+        ctx = fam.hypergrad(self, items, rgrads) if fam.hypergrad else {}
+        if t > 1 and rot.due(t):
+            rot.refresh(states, fam.linear_state)
+            rgrads = rot.rotate(idx, [it.g for it in items], states)
+        if fam.prepare:
+            ctx.update(fam.prepare(self, items, rgrads))
+        directions = []
+        for it, g in zip(items, rgrads):
+            it.state["step"] += 1
+            d = fam.update(g, it.state, it.group, ctx)
+            if rot.kind == "global":
+                directions.append(d)
+            else:
+                self._apply(it, rot.unrotate([it.index], [d], [it.state])[0])
+        if directions:
+            for it, d in zip(items, rot.unrotate(idx, directions, states)):
+                self._apply(it, d)
+        for group in self.param_groups:
+            group["lr_used"] = group["lr"]  # MADA's hypergradient needs the previous step's lr
+        return loss
+
+    def _apply(self, it: Item, d: torch.Tensor) -> None:
+        lr, wd = it.group["lr"], it.group["weight_decay"]
+        if wd and self.family.decoupled_wd:
+            it.p.mul_(1 - lr * wd)
+        it.p.add_(d, alpha=-lr)
+
+    # ------------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """Scalars the train loop logs every log step (MADA: its six coefficients)."""
+        return self.family.metrics(self) if self.family.metrics else {}
+
+    def rotation_memory_bytes(self) -> int:
+        """Bytes held by the rotation (0 for kind none)."""
+        return self.rotation.memory_bytes()
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["extra"] = copy.deepcopy(self.extra)
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("extra", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self.extra = copy.deepcopy(extra)
