@@ -1,0 +1,29 @@
+"""``rayexp COMMAND ...``: one entry point for the module CLIs.
+
+    rayexp sweep   SWEEP.yaml [key=value ...]     = python -m rayexp.sweep
+    rayexp train   CONFIG.yaml [key=value ...]    = python -m rayexp.train
+    rayexp hessian --checkpoint DIR --tasks ...   = python -m rayexp.hessian
+    rayexp report  EXPERIMENT [--out DIR]         = python -m rayexp.report
+    rayexp optim   --list                         = python -m rayexp.optim
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {"sweep": "rayexp.sweep", "train": "rayexp.train.__main__", "hessian": "rayexp.hessian.__main__",
+            "report": "rayexp.report", "optim": "rayexp.optim.__main__"}
+
+
+def main(argv=None) -> int:
+    """Dispatch ``argv[0]`` to the ``main(argv)`` of the module that owns it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
