@@ -71,27 +71,46 @@ def mada_init_extra(settings: dict) -> dict:
             "hypergrad": torch.zeros(len(MADA_COEFS), dtype=torch.float64)}
 
 
-def _coefs_on(coefs: dict, device) -> dict:
-    return {n: c.to(device) for n, c in coefs.items()}
+def _chunks(members: list, chunk_numel: int):
+    chunk, size = [], 0
+    for it, g in members:
+        chunk.append((it, g))
+        size += g.numel()
+        if size >= chunk_numel:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
 
 
-def hypergradient(opt, items, rgrads) -> torch.Tensor:
-    """h_k = ∂L(θ_{t−1})/∂k = −α Σ ⟨g_t, ∂d_{t−1}/∂k⟩ by recomputing d_{t−1} under autograd (zeros at t = 1)."""
+def hypergradient(opt, items, rgrads, chunk_numel: int = 1 << 24) -> torch.Tensor:
+    """h_k = ∂L(θ_{t−1})/∂k = −α Σ ⟨g_t, ∂d_{t−1}/∂k⟩ by recomputing d_{t−1} under autograd (zeros at t = 1).
+
+    Tensors sharing (t, lr, ε, device, dtype) are flattened into one vector per ``chunk_numel``
+    coordinates, so the recomputation is a handful of large element-wise ops and one VJP per chunk,
+    with extra memory bounded by a few chunk-sized tensors.
+    """
     leaves = [opt.extra["coefs"][n].detach().clone().requires_grad_(True) for n in MADA_COEFS]
     h = torch.zeros(len(MADA_COEFS), dtype=torch.float64)
-    with torch.enable_grad():
-        for it, g in zip(items, rgrads):
-            st = it.state
-            if "m_old" not in st:
-                continue
-            k = {n: leaf.to(g.device) for n, leaf in zip(MADA_COEFS, leaves)}
-            t = int(st["step"].item())
-            vbar_prev = (t * st["vbar"] - st["v"]) / (t - 1) if t > 1 else torch.zeros_like(st["v"])
-            u_sign = torch.sign(LION_BETA1 * st["m_lion"] + (1 - LION_BETA1) * st["g_prev"])
-            d = mada_direction(k, t, st["g_prev"], st["g_prev_old"], st["m_old"], st["v_old"], st["n_old"],
-                               vbar_prev, u_sign, it.group["eps"])[0]
-            lr = it.group.get("lr_used", it.group["lr"])
-            grads = torch.autograd.grad(-lr * (g * d).sum(), leaves, allow_unused=True)
+    groups: dict = {}
+    for it, g in zip(items, rgrads):
+        if "m_old" in it.state:
+            key = (int(it.state["step"].item()), it.group.get("lr_used", it.group["lr"]), it.group["eps"],
+                   g.device, g.dtype)
+            groups.setdefault(key, []).append((it, g))
+    for (t, lr, eps, device, _), members in groups.items():
+        for chunk in _chunks(members, chunk_numel):
+            def flat(key):
+                return torch.cat([it.state[key].reshape(-1) for it, _ in chunk])
+            g = torch.cat([x.reshape(-1) for _, x in chunk])
+            g_prev, v, vbar = flat("g_prev"), flat("v"), flat("vbar")
+            vbar_prev = (t * vbar - v) / (t - 1) if t > 1 else torch.zeros_like(v)
+            u_sign = torch.sign(LION_BETA1 * flat("m_lion") + (1 - LION_BETA1) * g_prev)
+            with torch.enable_grad():
+                k = {n: leaf.to(device) for n, leaf in zip(MADA_COEFS, leaves)}
+                d = mada_direction(k, t, g_prev, flat("g_prev_old"), flat("m_old"), flat("v_old"), flat("n_old"),
+                                   vbar_prev, u_sign, eps)[0]
+                grads = torch.autograd.grad(-lr * (g * d).sum(), leaves, allow_unused=True)
             h += torch.stack([x.detach().cpu() if x is not None else torch.zeros((), dtype=torch.float64)
                               for x in grads])
     if dist.is_available() and dist.is_initialized():
@@ -110,18 +129,15 @@ def mada_hypergrad(opt, items, rgrads) -> dict:
             buf = ex["hyper_buf"][n] = ex["hyper_momentum"][n] * ex["hyper_buf"][n] + h[j]
             lo, hi = MADA_RANGES[n]
             ex["coefs"][n] = (ex["coefs"][n] - ex["hyper_lr"][n] * buf).clamp(lo, hi)
-    return {"coefs": ex["coefs"], "_dev": {}}
+    return {"coefs": {n: float(c) for n, c in ex["coefs"].items()}}
 
 
 def mada_update(g: torch.Tensor, state: dict, hp: dict, ctx: dict) -> torch.Tensor:
     """One MADA direction (module docstring); keeps the pre-step state for the next hypergradient."""
-    cache = ctx["_dev"]
-    if g.device not in cache:
-        cache[g.device] = _coefs_on(ctx["coefs"], g.device)
     t = int(state["step"].item())
     m_lion = state["m_lion"].mul_(LION_BETA2).add_(g, alpha=1 - LION_BETA2)
     u_sign = torch.sign(LION_BETA1 * m_lion + (1 - LION_BETA1) * g)
-    d, m, v, n, vbar = mada_direction(cache[g.device], t, g, state["g_prev"], state["m"], state["v"], state["n"],
+    d, m, v, n, vbar = mada_direction(ctx["coefs"], t, g, state["g_prev"], state["m"], state["v"], state["n"],
                                       state["vbar"], u_sign, hp["eps"])
     for key in ("m", "v", "n", "g_prev"):
         state[key + "_old"] = state[key]
