@@ -179,3 +179,43 @@ def test_hypergradient_in_rotated_basis_matches_finite_difference():
         fd = (vals[0] - vals[1]) / 2e-6
         k = MADA_COEFS.index(name)
         assert abs(h[k].item() - fd) <= 1e-3 * abs(fd) + 1e-9, (name, h[k].item(), fd)
+
+
+def _ddp_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = net()
+        ddp = DDP(model)
+        opt = build_optimizer(model, mada_cfg(lr=0.05, hyper_lr=1.0, beta3=0.1, rho=0.5, c=0.5, gamma=0.5))
+        for t in range(6):
+            opt.zero_grad(set_to_none=True)
+            half = slice(rank * 8, rank * 8 + 8)  # each rank sees half of the global batch
+            F.mse_loss(ddp(XS[t][half]), YS[t][half]).backward()
+            opt.step()
+        results = [None] * world
+        dist.all_gather_object(results, (opt.metrics(), [p.detach() for p in model.parameters()]))
+        if rank == 0:
+            torch.save(results, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_keep_identical_coefficients_and_match_single_process(tmp_path):
+    """Two gloo ranks under DDP, half a batch each: identical coefficients and weights on both ranks, equal
+    to one process on the whole batch (DDP's gradient average == the full-batch gradient here)."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "out.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    (m0, w0), (m1, w1) = torch.load(out, weights_only=False)
+    assert m0 == m1
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    single = net()
+    opt = build_optimizer(single, mada_cfg(lr=0.05, hyper_lr=1.0, beta3=0.1, rho=0.5, c=0.5, gamma=0.5))
+    train(single, opt, 6)
+    assert all(abs(opt.metrics()[k] - m0[k]) < 1e-10 for k in m0)
+    assert any(abs(m0[f"mada/{n}"] - v) > 1e-6 for n, v in dict(beta1=0.9, beta2=0.95, beta3=0.1).items())
+    for a, b in zip(w0, single.parameters()):
+        assert torch.allclose(a, b, atol=1e-10)

@@ -140,8 +140,12 @@ class ZooOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        """Scalars the train loop logs every log step (MADA: its six coefficients)."""
-        return self.family.metrics(self) if self.family.metrics else {}
+        """Scalars the train loop logs every log step: MADA's six coefficients (``mada/beta1``, ...) and,
+        when a rotation is on, its memory (``optim/rotation_bytes``)."""
+        out = self.family.metrics(self) if self.family.metrics else {}
+        if self.rotation.kind != "none":
+            out["optim/rotation_bytes"] = float(self.rotation.memory_bytes())
+        return out
 
     def rotation_memory_bytes(self) -> int:
         """Bytes held by the rotation (0 for kind none)."""
