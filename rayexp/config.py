@@ -54,7 +54,10 @@ class DataConfig(_Strict):
     tokenizer: Literal["bytes", "gpt2"] = "bytes"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     text_column: str = "text"
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = None  # None: ./.rayexp_cache
+    task_nodes: int = Field(8, ge=2, le=200)  # task:bfs|dfs graph size
+    task_examples: int = Field(20000, ge=1)
+    task_seed: int = 0
 
     @field_validator("corpus")
     @classmethod

@@ -1,0 +1,72 @@
+"""Corpora as streams of documents (strings): ``builtin``, ``text:PATH``, ``parquet:PATH``, ``hf:NAME[:CONFIG]``.
+
+``builtin`` is the standard library's ``pydoc_data.topics`` (about 465 KB of English documentation,
+ships with Python: needs no download). ``parquet`` and ``hf`` go through ``datasets.load_dataset``
+(local parquet files work offline). ``fingerprint`` identifies a corpus's content for the cache.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+from rayexp.config import ConfigError
+
+
+def _files(path: str, suffixes: tuple[str, ...]) -> list[Path]:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+        if files:
+            return files
+        raise ConfigError(f"data.corpus: directory {str(p)!r} holds no {'/'.join(suffixes)} files")
+    raise ConfigError(f"data.corpus: file not found: {str(p)!r}")
+
+
+def fingerprint(corpus: str) -> str:
+    """A string that changes when the corpus's content may have changed (paths, sizes, mtimes)."""
+    kind, _, arg = corpus.partition(":")
+    if kind in ("text", "parquet"):
+        files = _files(arg, (".txt", ".md") if kind == "text" else (".parquet",))
+        return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    if kind == "builtin":
+        import pydoc_data.topics as t
+        return f"pydoc_data:{len(t.topics)}:{os.path.getsize(t.__file__)}"
+    return corpus
+
+
+def documents(corpus: str, text_column: str = "text") -> Iterator[str]:
+    """Yield the corpus's documents in a fixed order."""
+    kind, _, arg = corpus.partition(":")
+    if kind == "builtin":
+        import pydoc_data.topics as t
+        for key in sorted(t.topics):
+            yield t.topics[key]
+    elif kind == "text":
+        for f in _files(arg, (".txt", ".md")):
+            yield f.read_text(encoding="utf-8", errors="replace")
+    elif kind == "parquet":
+        yield from _hf_rows("parquet", None, [str(f) for f in _files(arg, (".parquet",))], text_column, corpus)
+    elif kind == "hf":
+        name, _, config = arg.partition(":")
+        yield from _hf_rows(name, config or None, None, text_column, corpus)
+    else:
+        raise ConfigError(f"data.corpus: unknown corpus {corpus!r}; allowed: builtin, text:PATH, parquet:PATH, "
+                          f"hf:NAME[:CONFIG], task:bfs, task:dfs")
+
+
+def _hf_rows(name, config, data_files, column, corpus) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, data_files=data_files, split="train")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"data.corpus={corpus!r} could not be loaded by datasets: {first[:200]}") from None
+    if column not in ds.column_names:
+        raise ConfigError(f"data.text_column={column!r} is not a column of {corpus!r}; "
+                          f"columns: {', '.join(ds.column_names)}")
+    for batch in ds.iter(batch_size=1000):
+        yield from batch[column]

@@ -1,0 +1,125 @@
+"""Data: tokenizers, corpora, the token cache, synthetic tasks and batch sampling."""
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+import torch
+
+from rayexp.config import ConfigError, DataConfig
+from rayexp.data import get_tokenizer, load_tokens, sample_batch, tasks, use_encoding
+
+
+def _cfg(tmp_path, **kw):
+    return DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_bytes_tokenizer_round_trips_utf8():
+    tok = get_tokenizer("bytes")
+    ids = tok.encode_batch(["héllo"])[0]
+    assert tok.vocab_size == 256 and bytes(ids).decode("utf-8") == "héllo\n\n"
+
+
+def test_gpt2_path_through_an_injected_tiktoken_encoding(tmp_path):
+    """Offline stand-in for tiktoken's gpt2 files: a byte-level Encoding with one merge, real tiktoken code."""
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"th"] = 256
+    enc = tiktoken.Encoding(name="gpt2-test", pat_str=r"""\w+|\s+|[^\w\s]+""", mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 257})
+    use_encoding("gpt2", enc)
+    try:
+        tok = get_tokenizer("gpt2")
+        assert tok.vocab_size == 258 and tok.encode_batch(["the"])[0] == [256, ord("e"), 257]
+        p = tmp_path / "a.txt"
+        p.write_text("this and that " * 10)
+        data = load_tokens(_cfg(tmp_path, corpus=f"text:{p}", tokenizer="gpt2", val_fraction=0.3), 2)
+        stream = np.concatenate([data.train, data.val])
+        assert stream[-1] == 257 and 256 in stream and data.vocab_size == 258
+    finally:
+        use_encoding("gpt2", None)
+
+
+def test_builtin_corpus_splits_and_cache_is_reused(tmp_path):
+    cfg = _cfg(tmp_path, corpus="builtin", val_fraction=0.1)
+    first = load_tokens(cfg, 64)
+    assert not first.from_cache and first.vocab_size == 256 and first.train.dtype == np.uint16
+    n = len(first.train) + len(first.val)
+    assert n > 400_000 and abs(len(first.val) - int(0.1 * n)) <= 1
+    files = list((tmp_path / "cache").glob("*/tokens.bin"))
+    mtime = files[0].stat().st_mtime_ns
+    second = load_tokens(cfg, 64)
+    assert second.from_cache and files[0].stat().st_mtime_ns == mtime
+    assert np.array_equal(first.val, second.val)
+
+
+def test_text_directory_and_parquet_corpora(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.txt").write_text("alpha " * 50)
+    (d / "b.txt").write_text("beta " * 50)
+    data = load_tokens(_cfg(tmp_path, corpus=f"text:{d}"), 8)
+    assert bytes(np.concatenate([data.train, data.val]).tolist()).decode().startswith("alpha alpha")
+    pq.write_table(pa.table({"body": ["gamma " * 40, "delta " * 40]}), tmp_path / "x.parquet")
+    data = load_tokens(_cfg(tmp_path, corpus=f"parquet:{tmp_path / 'x.parquet'}", text_column="body"), 8)
+    assert b"delta" in bytes(np.concatenate([data.train, data.val]).tolist())
+    with pytest.raises(ConfigError, match="data.text_column"):
+        load_tokens(_cfg(tmp_path, corpus=f"parquet:{tmp_path / 'x.parquet'}", text_column="text"), 8)
+
+
+def test_content_change_invalidates_cache(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("one two three " * 20)
+    assert not load_tokens(_cfg(tmp_path, corpus=f"text:{p}"), 8).from_cache
+    p.write_text("four five six " * 30)
+    os.utime(p, ns=(1, 10**18))
+    assert not load_tokens(_cfg(tmp_path, corpus=f"text:{p}"), 8).from_cache
+
+
+@pytest.mark.parametrize("corpus, needle", [
+    ("text:/no/such/file.txt", "file not found"),
+    ("parquet:/no/such.parquet", "file not found"),
+    ("hf:surely-not-a-local-dataset-xyz", "could not be loaded"),
+    ("task:sort", "unknown task"),
+])
+def test_bad_corpora_give_config_errors(tmp_path, corpus, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_tokens(_cfg(tmp_path, corpus=corpus), 8)
+    assert "data.corpus" in str(e.value)
+
+
+def test_too_small_corpus_names_block_size(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text("short")
+    with pytest.raises(ConfigError, match="block_size"):
+        load_tokens(_cfg(tmp_path, corpus=f"text:{p}"), 64)
+
+
+def test_bfs_and_dfs_traces_are_correct_and_seeded():
+    edges = [(0, 1), (0, 2), (1, 3), (2, 3), (3, 4)]
+    assert tasks.traverse(5, edges, 0, "bfs") == [0, 1, 2, 3, 4]
+    assert tasks.traverse(5, edges, 0, "dfs") == [0, 1, 3, 2, 4]
+    a = tasks.generate("bfs", 8, 50, seed=1)
+    assert np.array_equal(a, tasks.generate("bfs", 8, 50, seed=1))
+    assert not np.array_equal(a, tasks.generate("bfs", 8, 50, seed=2))
+    assert a.max() < tasks.vocab_size(8)
+    # every example's trace visits all nodes of its (connected) graph exactly once
+    n, bos, sep, eos = 8, 8, 9, 10
+    for ex in np.split(a, np.where(a == eos)[0] + 1)[:-1]:
+        trace = ex[list(ex).index(sep, list(ex).index(sep) + 1) + 1:-1]
+        assert sorted(trace.tolist()) == list(range(n))
+
+
+def test_task_corpus_loads_with_its_own_vocabulary(tmp_path):
+    data = load_tokens(_cfg(tmp_path, corpus="task:dfs", task_nodes=6, task_examples=300), 16)
+    assert data.vocab_size == 9 and data.tokenizer == "task:dfs"
+
+
+def test_sample_batch_shapes_shift_and_determinism():
+    tokens = np.arange(1000, dtype=np.uint16)
+    x, y = sample_batch(tokens, 16, 4, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, 0], x[:, 0] + 1)
+    x2, _ = sample_batch(tokens, 16, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2)
