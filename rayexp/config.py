@@ -404,7 +404,7 @@ def _format_error(err: dict, source: str) -> str:
         return f"{source}: {field}: {value!r} is not allowed; allowed: {expected}"
     msg = err["msg"].removeprefix("Value error, ")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    return f"{source}: {field}: {msg}{shown}"
+    return f"{source}: {msg}{shown}" if not loc else f"{source}: {field}: {msg}{shown}"
 
 
 def validate(raw: dict, source: str = "config") -> Experiment:

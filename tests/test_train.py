@@ -106,7 +106,7 @@ def _cli(tmp, *args):
     ("optimizer.lr=-1", "optimizer.lr"),
 ])
 def test_bad_input_gives_one_line_error_without_traceback(tmp_path, override, needle):
-    out = _cli(tmp_path, override, "train.steps=2", "--no-mlflow")
+    out = _cli(tmp_path, override, "train.steps=2", "train.warmup=0", "--no-mlflow")
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and needle in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

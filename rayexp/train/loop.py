@@ -108,18 +108,22 @@ def _windows(tokens: np.ndarray, starts: torch.Tensor, block: int, device) -> tu
 
 @torch.no_grad()
 def evaluate(model: nn.Module, val: np.ndarray, exp: Experiment, device, autocast) -> float:
-    """Mean loss over ``train.eval_batches`` fixed validation batches of ``train.batch_size``."""
+    """Mean loss over ``eval_batches`` fixed global validation batches (``world × batch_size``
+    windows each, split across ranks like training batches; the same windows for any world size)."""
     block, bs = block_size_of(exp), exp.train.batch_size
-    starts = _step_indices(len(val), block, exp.train.eval_batches * bs, EVAL_SEED, 0)
+    rank, world = _world()
+    starts = _step_indices(len(val), block, exp.train.eval_batches * world * bs, EVAL_SEED, 0)
     was_training = model.training
     model.eval()
-    losses = []
-    for chunk in starts.split(bs):
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for chunk in starts.view(exp.train.eval_batches, world, bs)[:, rank]:
         x, y = _windows(val, chunk, block, device)
         with autocast:
-            losses.append(model(x, y)[1].item())
+            total += model(x, y)[1].double()
+    if world > 1:
+        dist.all_reduce(total)
     model.train(was_training)
-    return float(np.mean(losses))
+    return total.item() / (exp.train.eval_batches * world)
 
 
 def _block_grad_norms(model: nn.Module) -> dict:
