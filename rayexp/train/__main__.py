@@ -62,7 +62,10 @@ def main(argv=None) -> int:
 
 
 def _run(exp, args) -> int:
+    import logging
+
     from rayexp import tracking
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on a new store
     from rayexp.train.loop import run_training
 
     mlf = None
