@@ -13,10 +13,13 @@ STAMP="$VENV/.rayexp-installed-$(cat pyproject.toml run.sh | sha1sum | cut -c1-1
 if [ ! -f "$STAMP" ]; then
   echo "rayexp: setting up $VENV with $($PYTHON --version) (first run only, a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  pip_install() {  # quiet, minus the warnings of machine-wide find-links that don't exist here
+    "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v -e "is ignored: it is neither" -e "^ *$" >&2)
+  }
+  pip_install --upgrade pip
   # torch pinned: 2.13.0 is the CPU wheel on this project's machines; an unpinned torch may pull CUDA builds.
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[dev,deepspeed]"
+  pip_install "torch==2.13.0"
+  pip_install -e ".[dev,deepspeed]"
   rm -f "$VENV"/.rayexp-installed-*
   touch "$STAMP"
 fi
