@@ -114,3 +114,45 @@ def power_iteration(matvec: Matvec, d: int, k: int = 1, iters: int = 100, tol: f
         found.append(v / v.norm())
         eigs.append(lam)
     return np.array(eigs), used
+
+
+def lanczos_batch(matvec_many: Callable[[list, list], list], v0s: list, steps: int, reorth: bool = True,
+                  tol: float = 1e-10, callback: Optional[Callable[[int], None]] = None) -> list[Tridiagonal]:
+    """Independent Lanczos runs in lockstep: step j of every unfinished run is one call of
+    ``matvec_many(ids, [q_i for i in ids]) -> [H_i q_i for i in ids]`` over the unfinished runs ``ids``
+    (e.g. one vmapped blockwise HVP). Same
+    recurrence and stopping rule as ``lanczos``; runs may have different dimensions."""
+    n = len(v0s)
+    qs = [(v / v.norm()).to(torch.float64) for v in v0s]
+    steps_i = [min(steps, q.numel()) for q in qs]
+    Qs = [torch.empty(s, q.numel(), dtype=torch.float64, device=q.device) if reorth else None
+          for s, q in zip(steps_i, qs)]
+    alpha, beta = [[] for _ in range(n)], [[] for _ in range(n)]
+    prev = [(torch.zeros_like(q), 0.0) for q in qs]
+    active = list(range(n))
+    j = 0
+    while active:
+        if reorth:
+            for i in active:
+                Qs[i][j] = qs[i]
+        ws = matvec_many(active, [qs[i] for i in active])
+        if callback:
+            callback(len(active))
+        still = []
+        for i, w in zip(active, ws):
+            q, (q_prev, b_prev) = qs[i], prev[i]
+            w = w.to(q)
+            a = float(w @ q)
+            w = w - a * q - b_prev * q_prev
+            if reorth:
+                for _ in range(2):
+                    w = w - Qs[i][:j + 1].T @ (Qs[i][:j + 1] @ w)
+            alpha[i].append(a)
+            b = float(w.norm())
+            if j == steps_i[i] - 1 or b <= tol * max(1.0, max(abs(x) for x in alpha[i])):
+                continue
+            beta[i].append(b)
+            prev[i], qs[i] = (q, b), w / b
+            still.append(i)
+        active, j = still, j + 1
+    return [Tridiagonal(np.array(a), np.array(b)) for a, b in zip(alpha, beta)]
