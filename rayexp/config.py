@@ -227,6 +227,14 @@ class TrackingConfig(_Strict):
 
 
 class HessianConfig(_Strict):
+    """Curvature analysis (rayexp.hessian; ALGORITHMS.md "Curvature"): tasks, fixed batches, estimator sizes.
+
+    ``probes``/``lanczos_steps``: SLQ probes n_v and Lanczos steps m (also top-eigenvalue steps);
+    ``hutchinson_probes``: Rademacher probes for trace/diag/frobenius; ``cauchy_vectors``: k of the 1-1 norm;
+    ``l11_rows``: size of the exact uniform row sample checking it (0: none); ``l11_rotation``: also
+    estimate ‖RHRᵀ‖₁,₁ in this rotated basis; ``blocks``: fnmatch patterns selecting blocks for
+    slq_blocks/block_curvature (None: all for slq_blocks, weights for block_curvature).
+    """
     after_training: bool = False
     tasks: list[Literal["top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobenius",
                         "block_curvature", "grad_heterogeneity"]] = Field(default_factory=lambda: ["top_eigs"])
@@ -238,8 +246,18 @@ class HessianConfig(_Strict):
     dtype: Literal["fp32", "fp64"] = "fp32"
     top_k: int = Field(5, ge=1)
     lanczos_steps: int = Field(30, ge=2)
+    reorth: bool = True
     probes: int = Field(10, ge=1)
+    slq_sigma2: float = Field(1e-5, gt=0.0)
+    grid_points: int = Field(50_000, ge=100)
+    hutchinson_probes: int = Field(100, ge=2)
     cauchy_vectors: int = Field(100, ge=2)
+    l11_estimator: Literal["median", "iqr"] = "median"
+    l11_rotation: Literal["none", "per_tensor", "global"] = "per_tensor"
+    l11_rows: int = Field(0, ge=0)
+    curvature_steps: int = Field(20, ge=2)
+    blocks: Optional[list[str]] = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
 

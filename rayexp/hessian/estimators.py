@@ -15,7 +15,7 @@
 - Per-block curvature (seed 003, arXiv 2502.00213): for each batch and block b, the largest-magnitude
   eigenvalue of H_bb on that batch (Lanczos restricted to b; the seed uses power iteration) and ‖g_b‖.
 - Gradient heterogeneity: the standard deviation of log10 ‖g_b‖ over blocks (mean gradient over the
-  batches), plus the max/min ratio of ‖g_b‖.
+  batches), plus the max/min ratio of ‖g_b‖ (blocks with ‖g_b‖ ≤ 1e-10·max, structurally zero, skipped).
 """
 from __future__ import annotations
 
@@ -168,9 +168,10 @@ def block_grad_norms(grad: torch.Tensor, blocks: Sequence[Block]) -> np.ndarray:
     return np.array([float(grad[b.slice].norm()) for b in blocks])
 
 
-def grad_heterogeneity(norms: np.ndarray) -> dict:
-    """Spread of block gradient norms: std of log10 ‖g_b‖ (our scalar) and max/min ratio."""
-    pos = norms[norms > 0]
+def grad_heterogeneity(norms: np.ndarray, floor: float = 1e-10) -> dict:
+    """Spread of block gradient norms: std of log10 ‖g_b‖ (our scalar) and max/min ratio, over blocks with
+    ‖g_b‖ > floor·max (structurally zero gradients, e.g. attention key biases, are left out)."""
+    pos = norms[norms > floor * norms.max()] if len(norms) else norms
     return {"grad_heterogeneity": float(np.log10(pos).std()) if len(pos) > 1 else 0.0,
             "grad_norm_ratio": float(pos.max() / pos.min()) if len(pos) else float("nan")}
 
