@@ -289,7 +289,8 @@ def _plots(a: dict, out: Path) -> list[str]:
 
 def format_table(results: dict, max_rows: int = 40) -> str:
     """The scalar metrics as an aligned text table (per-block entries after the totals)."""
-    items = sorted(results["metrics"].items(), key=lambda kv: ("/" in kv[0], kv[0]))
+    per_block = lambda k: "/" in k and not k.startswith("top_eig/")  # noqa: E731
+    items = sorted(results["metrics"].items(), key=lambda kv: (per_block(kv[0]), kv[0]))
     width = max([len(k) for k, _ in items] + [6])
     lines = [f"{'metric':<{width}}  value", "-" * (width + 14)]
     lines += [f"{k:<{width}}  {v:.6g}" for k, v in items[:max_rows]]
