@@ -143,3 +143,12 @@ def test_bad_arguments():
     op = HVP(model, make_batches())
     with pytest.raises(ValueError, match="length d"):
         op(torch.zeros(3))
+
+
+def test_numpy_operator_adapter_feeds_lanczos():
+    from rayexp.hessian.lanczos import numpy_matvec
+    g = np.random.default_rng(0)
+    a = g.standard_normal((30, 30))
+    A = a + a.T
+    got = top_eigs(numpy_matvec(lambda v: A @ v), 30, k=3, steps=30)
+    assert np.allclose(got, np.linalg.eigvalsh(A)[::-1][:3], rtol=1e-10)

@@ -156,3 +156,11 @@ def lanczos_batch(matvec_many: Callable[[list, list], list], v0s: list, steps: i
             still.append(i)
         active, j = still, j + 1
     return [Tridiagonal(np.array(a), np.array(b)) for a, b in zip(alpha, beta)]
+
+
+def numpy_matvec(fn: Callable[[np.ndarray], np.ndarray]) -> Matvec:
+    """Adapt a numpy operator (e.g. ``rayexp.hessian.jax_backend.jax_hvp_fn(model, batches)``) to the torch
+    float64 vectors every estimator here passes."""
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(fn(v.detach().cpu().numpy()), dtype=np.float64)).to(v.device)
+    return mv
