@@ -165,8 +165,9 @@ def run_training(exp: Experiment, reporter: Optional[Reporter] = None, resume_fr
     if resume_from:
         state = load_state(resume_from)
         unwrap(model).load_state_dict(torch.load(Path(resume_from) / "model.pt", map_location=device))
-        optimizer.load_state_dict(torch.load(Path(resume_from) / "optim.pt", map_location=device,
-                                             weights_only=False))
+        if (Path(resume_from) / "optim.pt").is_file():
+            optimizer.load_state_dict(torch.load(Path(resume_from) / "optim.pt", map_location=device,
+                                                 weights_only=False))
         torch.set_rng_state(state["rng"])
     engine = None
     if engine_factory is not None:
@@ -213,19 +214,19 @@ class _Loop:
             x, y = _windows(self.data.train, starts[micro], self.block, self.device)
             sync = micro == t.grad_accum - 1 or self.world == 1 or self.engine is not None
             with (nullcontext() if sync else self.model.no_sync()), self.autocast:
-                loss = self.model(x, y)[1] / t.grad_accum
-            if self.engine is not None:
-                self.engine.backward(loss)
+                loss = self.model(x, y)[1]
+            if self.engine is not None:  # DeepSpeed scales by its gradient_accumulation_steps and
+                self.engine.backward(loss)  # steps the optimizer only at the accumulation boundary
+                self.engine.step()
             else:
-                loss.backward()
-            loss_sum += loss.item()
+                (loss / t.grad_accum).backward()
+            loss_sum += loss.item() / t.grad_accum
         if self.world > 1:  # the logged loss is the global mean, identical on every rank
             buf = torch.tensor([loss_sum], device=self.device)
             dist.all_reduce(buf)
             loss_sum = buf.item() / self.world
         if self.engine is not None:
-            self.engine.step()
-            return loss_sum, float("nan")
+            return loss_sum, float(self.engine.get_global_grad_norm() or float("nan"))
         params = [p for p in self.model.parameters() if p.grad is not None]
         if t.clip:
             gnorm = torch.nn.utils.clip_grad_norm_(params, t.clip).item()
@@ -250,7 +251,9 @@ class _Loop:
             path = str(self.workdir / f"checkpoint_{self.step:06d}")
             extra = {"history": self.history, "init_loss": self.init_loss, "tokens": self.tokens,
                      "rng": torch.get_rng_state(), "vocab_size": self.data.vocab_size}
-            save_checkpoint(path, self.model, self.optimizer, self.step, self.exp, extra)
+            # under DeepSpeed ZeRO the optimizer state is partitioned across ranks: weights only
+            optimizer = None if self.engine is not None else self.optimizer
+            save_checkpoint(path, self.model, optimizer, self.step, self.exp, extra)
             for old in self.workdir.glob("checkpoint_*"):
                 if str(old) != path and not old.name.endswith(".tmp"):
                     shutil.rmtree(old, ignore_errors=True)
