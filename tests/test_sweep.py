@@ -1,0 +1,159 @@
+"""Sweep engine on real Ray and MLflow: planning, malformed files, a sweep end to end, divergence,
+resume after the driver is killed, a trial restarted after its worker is killed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from rayexp.config import ConfigError, load_sweep
+from rayexp.sweep import assignments, main, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["train.steps=30", "train.eval_every=15", "train.eval_batches=2", "train.log_every=5", "train.warmup=3",
+         "train.batch_size=8"]
+
+BAD = {
+    "unknown top key": "nmae: x\n",
+    "unknown optimizer key": "optimizer: {lrate: 0.1}\n",
+    "unknown optimizer": "optimizer: {name: {grid: [adamw, lamb]}}\n",
+    "wrong type steps": "train: {steps: many}\n",
+    "wrong type lr": "optimizer: {lr: fast}\n",
+    "empty grid": "optimizer: {lr: {grid: []}}\n",
+    "empty choice": "optimizer: {lr: {choice: []}}\n",
+    "lo > hi": "optimizer: {lr: {uniform: [0.3, 0.1]}}\n",
+    "loguniform <= 0": "optimizer: {lr: {loguniform: [0.0, 0.1]}}\n",
+    "randint floats": "train: {steps: {randint: [1.5, 9]}}\n",
+    "one-number range": "optimizer: {lr: {uniform: [0.1]}}\n",
+    "missing metric": "search: {metric: null}\n",
+    "unknown metric": "search: {metric: accuracy}\n",
+    "bad mode": "search: {mode: lowest}\n",
+    "bad scheduler": "search: {scheduler: {hyperband: {}}}\n",
+    "bad asha field": "search: {scheduler: {asha: {grace: 5}}}\n",
+    "bad algorithm": "search: {algorithm: bayes}\n",
+    "continuous space in grid": "search: {algorithm: grid}\noptimizer: {lr: {loguniform: [1.0e-4, 1.0e-2]}}\n",
+    "beta out of range in a grid": "optimizer: {betas: {grid: [[0.9, 0.95], [0.9, 1.2]]}}\n",
+    "bad strategy": "resources: {strategy: fsdp}\n",
+    "negative workers": "resources: {workers: 0}\n",
+    "per-optimizer block not a mapping": "optimizer: {adamw: 3}\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_malformed_sweep_fails_before_ray_with_a_field_named_error(tmp_path, capsys, name):
+    import ray
+    p = tmp_path / "bad.yaml"
+    p.write_text(BAD[name])
+    assert main([str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bad.yaml" in err and "Traceback" not in err
+    assert not ray.is_initialized()
+
+
+def test_grid_plan_crosses_per_optimizer_blocks_with_seeds():
+    spec = load_sweep(ROOT / "sweeps" / "adam_vs_sgd.yaml")
+    trials = plan(spec, "x")
+    assert len(trials) == 8 and len({t.key for t in trials}) == 8
+    assert {(t.exp.optimizer.name, t.exp.optimizer.lr) for t in trials} == \
+        {("adamw", 1e-3), ("adamw", 3e-3), ("sgd", 0.1), ("sgd", 0.3)}
+    assert {t.exp.optimizer.momentum for t in trials if t.exp.optimizer.name == "sgd"} == {0.9}
+    assert plan(spec, "x")[3].key == trials[3].key and plan(spec, "y")[3].key != trials[3].key
+
+
+def test_random_plan_samples_within_bounds_and_is_seeded(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optimizer: {name: {grid: [adamw, sgd]}, lr: {loguniform: [1.0e-4, 1.0e-1]}}\n"
+                 "search: {algorithm: random, num_samples: 3, seed: 7}\n")
+    a = assignments(load_sweep(p))
+    assert len(a) == 6 and all(1e-4 <= x["optimizer.lr"] <= 1e-1 for x in a)
+    assert a == assignments(load_sweep(p))
+
+
+def _write_sweep(tmp_path, extra=""):
+    p = tmp_path / "s.yaml"
+    p.write_text(f"""name: small
+model: {{preset: gpt2-tiny}}
+train: {{steps: 30, eval_every: 15, eval_batches: 2, log_every: 5, warmup: 3, batch_size: 8,
+        log_block_grad_norms: false}}
+optimizer:
+  name: {{grid: [adamw, sgd]}}
+  adamw: {{lr: 3.0e-3}}
+  sgd: {{lr: {{grid: [0.1, 1.0e+4]}}, momentum: 0.0}}
+seeds: [0]
+search: {{algorithm: grid, max_failures: 2}}
+output_dir: {tmp_path}/out
+data: {{cache_dir: {tmp_path}/cache}}
+{extra}""")
+    return p
+
+
+def _children(uri, experiment="small"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string="tags.`rayexp.kind` = 'trial'")
+
+
+@pytest.fixture
+def ray_local():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_with_a_diverging_trial(in_tmp, ray_local):
+    from rayexp.sweep import run_sweep
+    spec = load_sweep(_write_sweep(in_tmp))
+    out = run_sweep(spec, quiet=True)
+    runs = _children(out["state"]["uri"])
+    assert len(runs) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {out["state"]["parent_run_id"]}
+    status = {(r.data.params["optimizer.name"], r.data.params["optimizer.lr"]): r.data.tags["rayexp.status"]
+              for r in runs}
+    assert status == {("adamw", "0.003"): "finished", ("sgd", "0.1"): "finished", ("sgd", "10000.0"): "diverged"}
+    client = MlflowClient(out["state"]["uri"])
+    adam = next(r for r in runs if r.data.params["optimizer.name"] == "adamw")
+    assert [m.step for m in client.get_metric_history(adam.info.run_id, "val_loss")] == [0, 15, 30]
+    best = {r["optimizer"]: r for r in out["summary"]}
+    assert best["sgd"]["config"] == {"optimizer.lr": "0.1"} and best["adamw"]["mean"] < 5.0
+
+
+def _sweep_proc(path, *extra, env=None):
+    return subprocess.Popen([sys.executable, "-m", "rayexp.sweep", str(path), *extra], cwd=path.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_duplicate_runs(in_tmp):
+    p = _write_sweep(in_tmp)
+    raw = yaml.safe_load(p.read_text())
+    raw["train"].update(steps=60, eval_every=20)
+    raw["optimizer"]["sgd"]["lr"] = {"grid": [0.1, 0.3]}
+    p.write_text(yaml.safe_dump(raw))
+    proc = _sweep_proc(p)
+    lines = []
+    for line in proc.stdout:  # kill the whole driver (and its local Ray) once trials are under way
+        lines.append(line)
+        if "step    20/60" in line:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    name = next(line.split("--resume ")[1].split()[0] for line in lines if "--resume" in line)
+    done = subprocess.run([sys.executable, "-m", "rayexp.sweep", str(p), "--resume", name], cwd=in_tmp,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = _children(f"sqlite:///{in_tmp}/mlflow.db")
+    keys = [r.data.tags["rayexp.trial_key"] for r in runs]
+    assert len(runs) == 3 and len(set(keys)) == 3, keys
+    assert all(r.data.tags["rayexp.status"] == "finished" for r in runs)
+    client = MlflowClient(f"sqlite:///{in_tmp}/mlflow.db")
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
+        assert len(steps) == len(set(steps)) and max(steps) == 60
