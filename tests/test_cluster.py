@@ -1,0 +1,68 @@
+"""cluster.yaml passes Ray's own autoscaler validation; a sweep runs on a 2-node Ray cluster on 127.0.0.1."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_passes_ray_autoscaler_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config = prepare_config(copy.deepcopy(raw))  # fills AWS defaults as `ray up` does
+    validate_config(config)
+    assert config["head_node_type"] == "head"
+    gpu = [n for n in config["available_node_types"] if n.startswith("gpu")]
+    assert gpu and all(config["available_node_types"][n]["max_workers"] >= 1 for n in gpu)
+    assert any("mlflow server" in c for c in config["head_setup_commands"])
+    broken = copy.deepcopy(raw)
+    broken["available_node_types"]["head"]["nod_config"] = broken["available_node_types"]["head"].pop("node_config")
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
+
+
+def _ray(*args, env=None):
+    ray_bin = Path(sys.executable).parent / "ray"
+    return subprocess.run([str(ray_bin), *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+@pytest.mark.slow
+def test_sweep_trials_land_on_both_nodes_of_a_loopback_cluster(tmp_path):
+    import tempfile
+
+    from tests.conftest import _free_port
+    ray_tmp = tempfile.mkdtemp(prefix="rx", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    port = _free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    head = _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                "--include-dashboard=false", f"--temp-dir={ray_tmp}", env=env)
+    assert head.returncode == 0, head.stderr
+    try:
+        worker = _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env)
+        assert worker.returncode == 0, worker.stderr
+        sweep = tmp_path / "two.yaml"
+        sweep.write_text(f"""name: twonode
+train: {{steps: 20, eval_every: 10, eval_batches: 2, log_every: 5, warmup: 2, batch_size: 8,
+        log_block_grad_norms: false}}
+optimizer: {{name: adamw, lr: {{grid: [1.0e-3, 3.0e-3]}}}}
+output_dir: {tmp_path}/out
+data: {{cache_dir: {tmp_path}/cache}}
+""")
+        out = subprocess.run([sys.executable, "-m", "rayexp.sweep", str(sweep)], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        import json
+        results = list((tmp_path / "out" / "ray_results").glob("twonode-*/trial_*/result.json"))
+        nodes = set()
+        for r in results:
+            rows = [json.loads(line) for line in r.read_text().splitlines() if line.strip()]
+            nodes.add(rows[-1]["node_id"])
+        assert len(results) == 2 and len(nodes) == 2, nodes
+    finally:
+        _ray("stop", "--force", env=env)
