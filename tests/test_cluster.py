@@ -38,8 +38,9 @@ def test_sweep_trials_land_on_both_nodes_of_a_loopback_cluster(tmp_path):
     from tests.conftest import _free_port
     ray_tmp = tempfile.mkdtemp(prefix="rx", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     port = _free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    # loopback only: token authentication off, so the second node joins without sharing the head's token
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
     head = _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                 "--include-dashboard=false", f"--temp-dir={ray_tmp}", env=env)
     assert head.returncode == 0, head.stderr
