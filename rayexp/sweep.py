@@ -132,10 +132,14 @@ def _optuna_space(spec: SweepSpec):
 
 
 def optuna_trial(config: dict, raw: dict, sweep_id: str) -> None:
-    """Tune trainable for optuna: every seed of one sampled config in turn, then the mean over seeds."""
+    """Tune trainable for optuna: every seed of one sampled config in turn, then the mean over seeds.
+
+    Seeds run inside one Tune trial (optuna suggests a config once and is told one number: the seed
+    mean); each seed still gets its own trial key and MLflow run. ``progress`` runs over all seeds.
+    """
     import ray.tune
 
-    from rayexp.train.launch import TuneReporter
+    from rayexp.train.launch import TuneReporter, _identity
     from rayexp.train.loop import run_training
 
     spec = SweepSpec(raw, "sweep")
@@ -143,40 +147,19 @@ def optuna_trial(config: dict, raw: dict, sweep_id: str) -> None:
     finals = []
     for i, seed in enumerate(spec.seeds):
         exp = spec.resolve(assignment, seed)
-        key = trial_key(sweep_id, exp)
-
-        def report(row, checkpoint=None, _i=i, _exp=exp, _key=key, _seed=seed):
-            ray.tune.report({**row, "trial_key": _key, "seed": _seed, "progress": _i * _exp.train.steps + row["step"]})
-        res = run_training(exp, TuneReporter(exp, report))
+        trial = {"key": trial_key(sweep_id, exp), "exp": exp.to_dict()}
+        reporter = TuneReporter(exp, ray.tune.report, extra=_identity(trial, 0), offset=i * exp.train.steps)
+        res = run_training(exp, reporter)
         finals.append(res.val_loss if res.status != "diverged" else float("inf"))
-    metric = spec.search.metric
-    ray.tune.report({metric: sum(finals) / len(finals), "seed_mean": 1.0, "progress": len(spec.seeds) * spec.base.train.steps})
+    ray.tune.report({spec.search.metric: sum(finals) / len(finals), "seed_mean": 1.0,
+                     "progress": len(spec.seeds) * spec.base.train.steps})
 
 
 def sweep_trial(config: dict) -> None:
-    """Tune trainable for grid/random: one trial = one config × one seed."""
-    import ray.tune
-
+    """Tune trainable for grid/random: one trial = one config × one seed (``config["trial"]``)."""
     from rayexp.train import launch
 
-    def report(row, checkpoint=None):
-        ray.tune.report({**row, "trial_key": config["key"], "seed": config["exp"]["seed"], "progress": row["step"]},
-                        checkpoint=checkpoint)
-    config = config["trial"]
-    exp = Experiment.model_validate(config["exp"])
-    if launch.needs_trainer(exp):
-        launch.run_trial(config)
-        return
-    from rayexp.train.loop import run_training
-    import tempfile
-    res = run_training(exp, launch.TuneReporter(exp, report), resume_from=launch._resume_dir(ray.tune.get_checkpoint),
-                       workdir=tempfile.mkdtemp(prefix="rayexp-trial-"))
-    if exp.hessian.after_training and res.status == "finished" and res.checkpoint_dir:
-        from rayexp.hessian import analyze_checkpoint
-        results, _ = analyze_checkpoint(res.checkpoint_dir, progress=False)
-        from ray.tune import Checkpoint
-        report({**{f"hessian/{k}": v for k, v in results["metrics"].items()}, "step": res.step, "hessian": 1.0},
-               checkpoint=Checkpoint.from_directory(res.checkpoint_dir))
+    launch.run_trial(config["trial"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,6 +175,7 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
         def __init__(self):
             self.reporters: dict = {}
             self.last: dict = {}
+            self.tagged: dict = {}
             self.t0 = time.time()
 
         def _reporter(self, key: str, exp: Experiment):
@@ -213,6 +197,7 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
                 return
             exp = self._exp_of(trial, result)
             rep = self._reporter(result["trial_key"], exp)
+            self._tag(rep, result)
             metrics = {k: v for k, v in result.items()
                        if k in LOGGED or k.startswith(LOGGED_PREFIXES)}
             if result.get("evaluated"):
@@ -224,6 +209,17 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
             self.last[result["trial_key"]] = (exp, result, trial)
             if result.get("evaluated") or result.get("diverged"):
                 self._print(exp, result)
+
+        def _tag(self, rep, result):
+            """Where the trial runs, and the checkpoint step it resumed from after a failure or resume."""
+            tags = {"rayexp.node_id": result.get("node_id")}
+            if result.get("resumed_from"):
+                tags["rayexp.resumed_from_step"] = int(result["resumed_from"])
+            tags = {k: str(v) for k, v in tags.items() if v is not None}
+            if self.tagged.get(rep.run_id) != tags:
+                for k, v in tags.items():
+                    rep.client.set_tag(rep.run_id, k, v)
+                self.tagged[rep.run_id] = tags
 
         def _print(self, exp, r):
             t = planned.get(r["trial_key"])
@@ -270,7 +266,7 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
             self._close(trial, failed=True)
 
         def __getstate__(self):  # restored sweeps re-create MLflow clients lazily
-            return {"reporters": {}, "last": {}, "t0": self.t0}
+            return {"reporters": {}, "last": {}, "tagged": {}, "t0": self.t0}
 
     return SweepCallback()
 
@@ -306,11 +302,11 @@ def _tuner(spec: SweepSpec, state: dict, trials: list[Trial], restore: bool):
         searcher = OptunaSearch(space=_optuna_space(spec), metric=s.metric, mode=s.mode, seed=s.seed)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
                                       metric=s.metric, mode=s.mode, max_concurrent_trials=s.max_concurrent,
-                                      trial_dirname_creator=_dirname)
+                                      reuse_actors=True, trial_dirname_creator=_dirname)
         param_space = {}
     else:
         trainable = tune.with_resources(sweep_trial, per_trial)
-        tune_config = tune.TuneConfig(scheduler=scheduler, metric=s.metric, mode=s.mode,
+        tune_config = tune.TuneConfig(scheduler=scheduler, metric=s.metric, mode=s.mode, reuse_actors=True,
                                       max_concurrent_trials=s.max_concurrent, trial_dirname_creator=_dirname)
         param_space = {"trial": tune.grid_search([{"key": t.key, "exp": t.exp.to_dict(), "storage": storage}
                                                   for t in trials])}
@@ -328,6 +324,7 @@ def _init_ray() -> None:
     import ray
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our callback prints progress; no Ray tables
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # small trials checkpoint often
     if not ray.is_initialized():  # trial output goes to Ray's log files; failures are printed with their path
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
                  include_dashboard=False, log_to_driver=False)
@@ -336,6 +333,7 @@ def _init_ray() -> None:
 def run_sweep(spec: SweepSpec, resume: Optional[str] = None, quiet: bool = False) -> dict:
     """Run (or resume) a sweep; returns ``{"state": ..., "summary": rows}``."""
     from rayexp import tracking
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on a new store
 
     out_root = Path(spec.base.output_dir).resolve()
     if resume:
@@ -458,7 +456,6 @@ def main(argv=None) -> int:
     if args.sweep and "=" in args.sweep and not args.sweep.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.sweep)
         args.sweep = None
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         spec = load_sweep(args.sweep or DEFAULT_SWEEP, args.overrides)
         if args.dry_run:

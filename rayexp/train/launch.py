@@ -2,14 +2,17 @@
 
 A 1-worker CPU trial runs ``run_training`` directly inside the Tune trial (a TorchTrainer costs about
 30 s of start-up on CPU). Anything else (several workers, GPUs, DeepSpeed) goes through Ray Train V2's
-``TorchTrainer``: DDP over gloo (CPU) or nccl (GPU), or DeepSpeed ZeRO 1/2/3; its metrics reach Tune
-through ``TuneReportCallback``.
+``TorchTrainer``: DDP over gloo (CPU) or nccl (GPU), or DeepSpeed ZeRO 1/2/3; rank 0's metrics reach
+Tune through ``TuneReportCallback`` (Ray's "Tune + Train V2" pattern: a function trainable that fits a
+TorchTrainer). Either way a retried or resumed trial continues from its last checkpoint.
 """
 from __future__ import annotations
 
+import os
 import tempfile
-from typing import Optional
+from typing import Callable, Optional
 
+import ray
 import ray.train
 import ray.tune
 
@@ -34,82 +37,120 @@ def check_strategy(exp: Experiment) -> None:
                           f"rotation={exp.rotation.kind} needs whole tensors; allowed: strategy: ddp")
 
 
-def deepspeed_engine_factory(exp: Experiment):
+def deepspeed_config(exp: Experiment) -> dict:
+    """The DeepSpeed config of a trial: per-rank micro batch, accumulation, clipping, ZeRO stage, bf16."""
+    t = exp.train
+    zero = {"stage": exp.deepspeed.zero_stage}
+    if exp.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # rayexp's optimizers are plain torch.optim.Optimizers
+        "steps_per_print": 10**9,
+    }
+
+
+def deepspeed_engine_factory(exp: Experiment) -> Callable:
     """``engine_factory`` for ``run_training``: wrap model + optimizer in a DeepSpeed ZeRO engine."""
     def make(model, optimizer):
+        import torch
+        if not torch.cuda.is_available():  # DeepSpeed 0.19 runs ZeRO on CPU over gloo with its cpu accelerator
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        t = exp.train
-        config = {
-            "train_micro_batch_size_per_gpu": t.batch_size,
-            "gradient_accumulation_steps": t.grad_accum,
-            "gradient_clipping": t.clip or 0.0,
-            "zero_optimization": {"stage": exp.deepspeed.zero_stage,
-                                  **({"offload_optimizer": {"device": "cpu"}} if exp.deepspeed.offload_optimizer else {})},
-            "bf16": {"enabled": t.precision == "bf16"},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        }
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(exp))
         return engine
     return make
 
 
 class TuneReporter:
-    """Loop reporter inside a Tune trial or a Train worker: metrics (and checkpoints) to Ray."""
+    """Loop reporter inside a Tune trial or a Train worker: metrics (and checkpoints) to Ray.
 
-    def __init__(self, exp: Experiment, report_fn, checkpoint_cls=None):
+    Every row carries ``extra`` (trial key, seed, node id, ...) plus ``step``, ``steps_total``,
+    ``progress`` (the scheduler's time axis: ``offset + step``) and the latest ``val_loss`` (so ASHA
+    compares like with like between evals); ``evaluated`` marks rows where val_loss is fresh.
+    """
+
+    def __init__(self, exp: Experiment, report_fn: Callable, checkpoint_cls=None, extra: Optional[dict] = None,
+                 offset: int = 0):
         self.exp, self.report_fn, self.last_val = exp, report_fn, None
         self.checkpoint_cls = checkpoint_cls or ray.tune.Checkpoint
+        self.extra, self.offset = extra or {}, offset
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Optional[str] = None) -> bool:
         evaluated = "val_loss" in metrics
         if evaluated:
             self.last_val = metrics["val_loss"]
-        row = {**metrics, "step": step, "evaluated": float(evaluated), "steps_total": self.exp.train.steps}
+        row = {**metrics, **self.extra, "step": step, "progress": self.offset + step, "evaluated": float(evaluated),
+               "steps_total": self.exp.train.steps}
         if self.last_val is not None:
-            row.setdefault("val_loss", self.last_val)  # schedulers compare the latest val loss
+            row.setdefault("val_loss", self.last_val)
         ckpt = self.checkpoint_cls.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.report_fn(row, checkpoint=ckpt)
         return False
 
 
-def _resume_dir(get_checkpoint) -> Optional[str]:
+def resume_dir(get_checkpoint: Callable) -> tuple[Optional[str], int]:
+    """The latest Ray checkpoint of this trial as a local directory, and its step (None, 0 when fresh)."""
     ckpt = get_checkpoint()
     if ckpt is None:
-        return None
-    local = tempfile.mkdtemp(prefix="rayexp-resume-")
-    return ckpt.to_directory(local)
+        return None, 0
+    from rayexp.train.checkpoint import load_state
+    local = ckpt.to_directory(tempfile.mkdtemp(prefix="rayexp-resume-"))
+    return local, int(load_state(local)["step"])
+
+
+def _identity(trial: dict, resumed: int) -> dict:
+    return {"trial_key": trial["key"], "seed": trial["exp"]["seed"], "resumed_from": resumed,
+            "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
 def train_worker(config: dict) -> None:
     """Ray Train worker entry: one rank of a DDP / DeepSpeed trial (process group set up by Ray Train)."""
     exp = Experiment.model_validate(config["exp"])
     factory = deepspeed_engine_factory(exp) if exp.resources.strategy == "deepspeed" else None
-    run_training(exp, TuneReporter(exp, ray.train.report, ray.train.Checkpoint), resume_from=_resume_dir(ray.train.get_checkpoint),
-                 workdir=tempfile.mkdtemp(prefix="rayexp-train-"), engine_factory=factory)
+    start, resumed = resume_dir(ray.train.get_checkpoint)
+    reporter = TuneReporter(exp, ray.train.report, ray.train.Checkpoint, _identity(config, resumed))
+    run_training(exp, reporter, resume_from=start, workdir=tempfile.mkdtemp(prefix="rayexp-train-"),
+                 engine_factory=factory)
 
 
-def run_trial(config: dict) -> None:
-    """Tune trainable: one trial (one config × one seed)."""
-    exp = Experiment.model_validate(config["exp"])
-    if not needs_trainer(exp):
-        run_training(exp, TuneReporter(exp, ray.tune.report), resume_from=_resume_dir(ray.tune.get_checkpoint),
-                     workdir=tempfile.mkdtemp(prefix="rayexp-trial-"))
-        return
+def run_trial(trial: dict) -> None:
+    """Tune trainable body: one trial = one config × one seed (``trial = {key, exp, storage}``)."""
+    exp = Experiment.model_validate(trial["exp"])
+    if needs_trainer(exp):
+        return _fit_trainer(trial, exp)
+    start, resumed = resume_dir(ray.tune.get_checkpoint)
+    reporter = TuneReporter(exp, ray.tune.report, extra=_identity(trial, resumed))
+    res = run_training(exp, reporter, resume_from=start, workdir=tempfile.mkdtemp(prefix="rayexp-trial-"))
+    if exp.hessian.after_training and res.status == "finished" and res.checkpoint_dir:
+        from rayexp.hessian import analyze_checkpoint
+        results, _ = analyze_checkpoint(res.checkpoint_dir, progress=False)
+        ray.tune.report({**{f"hessian/{k}": v for k, v in results["metrics"].items()}, **reporter.extra,
+                         "step": res.step, "progress": res.step, "steps_total": exp.train.steps, "hessian": 1.0})
+
+
+def _fit_trainer(trial: dict, exp: Experiment) -> None:
+    """Run the trial on ``resources.workers`` Ray Train workers; Train V2 resumes from its own
+    checkpoints in ``storage/<trial key>`` (worker failures: ``search.max_failures`` retries)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    check_strategy(exp)
     r = exp.resources
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"exp": config["exp"]},
+        train_loop_config=trial,
         torch_config=TorchConfig(backend="nccl" if r.gpus_per_worker > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
-                                     resources_per_worker={"CPU": r.cpus_per_worker,
-                                                           **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}),
-        run_config=RunConfig(name=f"{config['key']}", storage_path=config["storage"],
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=f"train-{trial['key']}", storage_path=trial["storage"],
                              failure_config=FailureConfig(max_failures=exp.search.max_failures),
                              callbacks=[TuneReportCallback()]),
     )
