@@ -1,8 +1,10 @@
 """cluster.yaml passes Ray's own autoscaler validation; a sweep runs on a 2-node Ray cluster on 127.0.0.1."""
 import copy
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +28,25 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
         validate_config(prepare_config(broken))
 
 
-def _ray(*args, env=None):
+def _ray_start(*args, env=None, groups=None):
+    """``ray start ...`` in its own process group (its daemons stay in it), recorded in ``groups``."""
     ray_bin = Path(sys.executable).parent / "ray"
-    return subprocess.run([str(ray_bin), *args], capture_output=True, text=True, timeout=180, env=env)
+    proc = subprocess.Popen([str(ray_bin), "start", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    groups.append(proc.pid)
+    out, err = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stop(groups):
+    """Stop only this test's Ray daemons (``ray stop`` would stop every Ray on a shared machine)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 1)):
+        for pgid in groups:
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(wait)
 
 
 @pytest.mark.slow
@@ -41,11 +59,13 @@ def test_sweep_trials_land_on_both_nodes_of_a_loopback_cluster(tmp_path):
     # loopback only: token authentication off, so the second node joins without sharing the head's token
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    head = _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                "--include-dashboard=false", f"--temp-dir={ray_tmp}", env=env)
+    groups: list[int] = []
+    head = _ray_start("--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                      "--include-dashboard=false", f"--temp-dir={ray_tmp}", env=env, groups=groups)
     assert head.returncode == 0, head.stderr
     try:
-        worker = _ray("start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env)
+        worker = _ray_start(f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=1", env=env,
+                            groups=groups)
         assert worker.returncode == 0, worker.stderr
         sweep = tmp_path / "two.yaml"
         sweep.write_text(f"""name: twonode
@@ -66,4 +86,4 @@ data: {{cache_dir: {tmp_path}/cache}}
             nodes.add(rows[-1]["node_id"])
         assert len(results) == 2 and len(nodes) == 2, nodes
     finally:
-        _ray("stop", "--force", env=env)
+        _stop(groups)
