@@ -294,7 +294,9 @@ def _tuner(spec: SweepSpec, state: dict, trials: list[Trial], restore: bool):
     res = spec.base.resources
     per_trial = {"cpu": res.cpus_per_worker, "gpu": res.gpus_per_worker}
     if res.workers > 1 or res.strategy == "deepspeed":
-        per_trial = {"cpu": 0.01, "gpu": 0}  # the trial only drives a TorchTrainer whose workers hold the resources
+        # the trial only drives a TorchTrainer whose workers hold the CPUs/GPUs: reserve no CPU for it
+        # (a bundle needs one non-zero resource: a little memory), so 2 workers fit on 2 cores
+        per_trial = {"cpu": 0, "gpu": 0, "memory": 64 * 2**20}
     if s.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         trainable = tune.with_resources(tune.with_parameters(optuna_trial, raw=spec.raw, sweep_id=state["sweep_id"]),

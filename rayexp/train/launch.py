@@ -76,8 +76,8 @@ class TuneReporter:
     """
 
     def __init__(self, exp: Experiment, report_fn: Callable, checkpoint_cls=None, extra: Optional[dict] = None,
-                 offset: int = 0):
-        self.exp, self.report_fn, self.last_val = exp, report_fn, None
+                 offset: int = 0, last_val: Optional[float] = None):
+        self.exp, self.report_fn, self.last_val = exp, report_fn, last_val
         self.checkpoint_cls = checkpoint_cls or ray.tune.Checkpoint
         self.extra, self.offset = extra or {}, offset
 
@@ -94,14 +94,17 @@ class TuneReporter:
         return False
 
 
-def resume_dir(get_checkpoint: Callable) -> tuple[Optional[str], int]:
-    """The latest Ray checkpoint of this trial as a local directory, and its step (None, 0 when fresh)."""
+def resume_dir(get_checkpoint: Callable) -> tuple[Optional[str], int, Optional[float]]:
+    """The latest Ray checkpoint of this trial as a local directory, its step and its latest val loss
+    (None, 0, None when the trial starts fresh)."""
     ckpt = get_checkpoint()
     if ckpt is None:
-        return None, 0
+        return None, 0, None
     from rayexp.train.checkpoint import load_state
     local = ckpt.to_directory(tempfile.mkdtemp(prefix="rayexp-resume-"))
-    return local, int(load_state(local)["step"])
+    state = load_state(local)
+    val = next((h["val_loss"] for h in reversed(state["history"]) if "val_loss" in h), None)
+    return local, int(state["step"]), val
 
 
 def _identity(trial: dict, resumed: int) -> dict:
@@ -109,12 +112,17 @@ def _identity(trial: dict, resumed: int) -> dict:
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
+def _reporter(trial: dict, exp: Experiment, report_fn: Callable, checkpoint_cls, get_checkpoint: Callable):
+    """The trial's reporter and the checkpoint directory it resumes from (None: a fresh start)."""
+    start, step, val = resume_dir(get_checkpoint)
+    return TuneReporter(exp, report_fn, checkpoint_cls, _identity(trial, step), last_val=val), start
+
+
 def train_worker(config: dict) -> None:
     """Ray Train worker entry: one rank of a DDP / DeepSpeed trial (process group set up by Ray Train)."""
     exp = Experiment.model_validate(config["exp"])
     factory = deepspeed_engine_factory(exp) if exp.resources.strategy == "deepspeed" else None
-    start, resumed = resume_dir(ray.train.get_checkpoint)
-    reporter = TuneReporter(exp, ray.train.report, ray.train.Checkpoint, _identity(config, resumed))
+    reporter, start = _reporter(config, exp, ray.train.report, ray.train.Checkpoint, ray.train.get_checkpoint)
     run_training(exp, reporter, resume_from=start, workdir=tempfile.mkdtemp(prefix="rayexp-train-"),
                  engine_factory=factory)
 
@@ -124,8 +132,7 @@ def run_trial(trial: dict) -> None:
     exp = Experiment.model_validate(trial["exp"])
     if needs_trainer(exp):
         return _fit_trainer(trial, exp)
-    start, resumed = resume_dir(ray.tune.get_checkpoint)
-    reporter = TuneReporter(exp, ray.tune.report, extra=_identity(trial, resumed))
+    reporter, start = _reporter(trial, exp, ray.tune.report, ray.tune.Checkpoint, ray.tune.get_checkpoint)
     res = run_training(exp, reporter, resume_from=start, workdir=tempfile.mkdtemp(prefix="rayexp-trial-"))
     if exp.hessian.after_training and res.status == "finished" and res.checkpoint_dir:
         from rayexp.hessian import analyze_checkpoint
