@@ -33,16 +33,20 @@ def measure(kind: str, steps: int, probes: int, lanczos_steps: int, workdir: str
     from rayexp.train.loop import run_training
 
     exp = validate({"name": f"het-{kind}", "model": {"kind": kind, "preset": "gpt2-tiny", "attention": "naive"},
-                    "train": {"steps": steps, "batch_size": 16, "eval_every": steps, "warmup": min(30, steps)},
+                    "train": {"steps": max(steps, 1), "batch_size": 16, "eval_every": max(steps, 1),
+                              "warmup": min(30, steps)},
                     "optimizer": {"name": "adamw", "lr": 3e-3}, "output_dir": f"{workdir}/{kind}",
                     "hessian": {"batches": 2, "batch_size": 8}})
     t0 = time.perf_counter()
     res = run_training(exp) if steps > 0 else None
-    model, exp2, _ = (load_model(res.checkpoint_dir, attention="naive", dropout=0.0) if res else (None, exp, None))
-    if model is None:
+    if res is not None:
+        model, exp2, _ = load_model(res.checkpoint_dir, attention="naive", dropout=0.0)
+    else:  # --steps 0: the model at initialization (JS₀ of the paper is measured there)
         from rayexp.data import load_tokens
         from rayexp.train.loop import build_model
-        model = build_model(exp, load_tokens(exp.data, 64).vocab_size)
+        import torch
+        torch.manual_seed(exp.seed)
+        model, exp2 = build_model(exp, load_tokens(exp.data, 64).vocab_size), exp
     train_s = time.perf_counter() - t0
     op = HVP(model, fixed_batches(exp2, exp2.hessian), dtype="fp64")
     t0 = time.perf_counter()
