@@ -9,7 +9,7 @@ import tiktoken
 import torch
 
 from rayexp.config import ConfigError, DataConfig
-from rayexp.data import get_tokenizer, load_tokens, sample_batch, tasks, use_encoding
+from rayexp.data import cache_dir, corpora, get_tokenizer, load_tokens, sample_batch, tasks, use_encoding
 
 
 def _cfg(tmp_path, **kw):
@@ -24,11 +24,7 @@ def test_bytes_tokenizer_round_trips_utf8():
 
 def test_gpt2_path_through_an_injected_tiktoken_encoding(tmp_path):
     """Offline stand-in for tiktoken's gpt2 files: a byte-level Encoding with one merge, real tiktoken code."""
-    ranks = {bytes([i]): i for i in range(256)}
-    ranks[b"th"] = 256
-    enc = tiktoken.Encoding(name="gpt2-test", pat_str=r"""\w+|\s+|[^\w\s]+""", mergeable_ranks=ranks,
-                            special_tokens={"<|endoftext|>": 257})
-    use_encoding("gpt2", enc)
+    use_encoding("gpt2", _tiny_encoding())
     try:
         tok = get_tokenizer("gpt2")
         assert tok.vocab_size == 258 and tok.encode_batch(["the"])[0] == [256, ord("e"), 257]
@@ -41,17 +37,92 @@ def test_gpt2_path_through_an_injected_tiktoken_encoding(tmp_path):
         use_encoding("gpt2", None)
 
 
-def test_builtin_corpus_splits_and_cache_is_reused(tmp_path):
+def _tiny_encoding(name="gpt2-test", eot=257):
+    """A byte-level tiktoken Encoding with one merge (b"th") and an end-of-text token: real tiktoken code."""
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks[b"th"] = 256
+    return tiktoken.Encoding(name=name, pat_str=r"""\w+|\s+|[^\w\s]+""", mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": eot})
+
+
+def test_gpt2_vocab_over_65536_is_stored_as_uint32(tmp_path):
+    use_encoding("gpt2", _tiny_encoding(eot=70_000))  # n_vocab = 70001
+    try:
+        p = tmp_path / "a.txt"
+        p.write_text("this and that " * 10)
+        data = load_tokens(_cfg(tmp_path, corpus=f"text:{p}", tokenizer="gpt2", val_fraction=0.3), 2)
+        assert data.vocab_size == 70_001 and data.val.dtype == np.uint32 and data.val[-1] == 70_000
+    finally:
+        use_encoding("gpt2", None)
+
+
+def test_injected_encoding_never_shares_the_real_encodings_cache(tmp_path):
+    cfg = _cfg(tmp_path, corpus="builtin", tokenizer="gpt2")
+    real = cache_dir(cfg)
+    use_encoding("gpt2", _tiny_encoding())
+    try:
+        assert cache_dir(cfg) != real
+    finally:
+        use_encoding("gpt2", None)
+    assert cache_dir(cfg) == real
+
+
+def test_gpt2_without_bpe_files_is_a_config_error(tmp_path, monkeypatch):
+    """Empty tiktoken cache and a refused connection (a closed local proxy port): a one-line ConfigError."""
+    if "gpt2" in tiktoken.registry.ENCODINGS:
+        pytest.skip("tiktoken's gpt2 is already loaded in this process")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="data.tokenizer=gpt2 needs tiktoken's BPE files") as e:
+        get_tokenizer("gpt2")
+    assert "TIKTOKEN_CACHE_DIR" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_builtin_corpus_splits_and_cache_is_reused(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, corpus="builtin", val_fraction=0.1)
     first = load_tokens(cfg, 64)
     assert not first.from_cache and first.vocab_size == 256 and first.train.dtype == np.uint16
     n = len(first.train) + len(first.val)
     assert n > 400_000 and abs(len(first.val) - int(0.1 * n)) <= 1
+    import pydoc_data.topics as t  # the stream is the sorted topics, each followed by a blank line
+    text = "".join(t.topics[k] + "\n\n" for k in sorted(t.topics)).encode()
+    assert n == len(text) and bytes(first.val[-50:].tolist()) == text[-50:]
     files = list((tmp_path / "cache").glob("*/tokens.bin"))
     mtime = files[0].stat().st_mtime_ns
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr(corpora, "documents", no_tokenizing)
     second = load_tokens(cfg, 64)
     assert second.from_cache and files[0].stat().st_mtime_ns == mtime
     assert np.array_equal(first.val, second.val)
+    # val_fraction only moves the split point: same cache, same stream
+    third = load_tokens(_cfg(tmp_path, corpus="builtin", val_fraction=0.2), 64)
+    assert third.from_cache and len(third.val) == int(0.2 * n)
+    assert np.array_equal(np.concatenate([third.train, third.val]), np.concatenate([first.train, first.val]))
+    assert len(list((tmp_path / "cache").glob("*/tokens.bin"))) == 1
+
+
+def test_concurrent_loads_build_one_complete_cache(tmp_path):
+    """Threads racing on a cold cache (~0.9 MB: they all tokenize, one rename wins): each gets the full
+    stream; one cache dir, no temp dirs left."""
+    import threading
+    p = tmp_path / "a.txt"
+    p.write_text("concurrent trials " * 50_000)
+    cfg, barrier, out = _cfg(tmp_path, corpus=f"text:{p}"), threading.Barrier(4), []
+
+    def load():
+        barrier.wait()
+        out.append(load_tokens(cfg, 8))
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    expected = np.frombuffer(("concurrent trials " * 50_000 + "\n\n").encode(), dtype=np.uint8)
+    assert len(out) == 4 and all(np.array_equal(np.concatenate([d.train, d.val]), expected) for d in out)
+    assert [q.name for q in (tmp_path / "cache").iterdir()] == [cache_dir(cfg).name]
 
 
 def test_text_directory_and_parquet_corpora(tmp_path):
@@ -66,6 +137,16 @@ def test_text_directory_and_parquet_corpora(tmp_path):
     assert b"delta" in bytes(np.concatenate([data.train, data.val]).tolist())
     with pytest.raises(ConfigError, match="data.text_column"):
         load_tokens(_cfg(tmp_path, corpus=f"parquet:{tmp_path / 'x.parquet'}", text_column="text"), 8)
+
+
+def test_hf_corpus_from_a_local_dataset_folder(tmp_path):
+    """``hf:NAME`` through ``datasets.load_dataset``, offline: NAME is a local folder of parquet files."""
+    d = tmp_path / "ds"
+    d.mkdir()
+    pq.write_table(pa.table({"text": ["epsilon " * 30, "zeta " * 30]}), d / "train.parquet")
+    data = load_tokens(_cfg(tmp_path, corpus=f"hf:{d}"), 8)
+    assert bytes(np.concatenate([data.train, data.val]).tolist()) == ("epsilon " * 30 + "\n\n" + "zeta " * 30
+                                                                      + "\n\n").encode()
 
 
 def test_content_change_invalidates_cache(tmp_path):
@@ -91,9 +172,15 @@ def test_bad_corpora_give_config_errors(tmp_path, corpus, needle):
 
 def test_too_small_corpus_names_block_size(tmp_path):
     p = tmp_path / "tiny.txt"
-    p.write_text("short")
-    with pytest.raises(ConfigError, match="block_size"):
+    p.write_text("short")  # 7 byte tokens with the document separator
+    with pytest.raises(ConfigError, match=r"has 7 train tokens, fewer than model block_size\+2 = 66; lower block_size"):
         load_tokens(_cfg(tmp_path, corpus=f"text:{p}"), 64)
+    p.write_text("x" * 198)  # 200 tokens: 180 train, 20 val
+    with pytest.raises(ConfigError, match="has 20 val tokens.* raise data.val_fraction"):
+        load_tokens(_cfg(tmp_path, corpus=f"text:{p}"), 19)
+    data = load_tokens(_cfg(tmp_path, corpus=f"text:{p}"), 18)  # exactly one window fits the val split
+    x, y = sample_batch(data.val, 18, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.from_numpy(data.val[:18].astype(np.int64)).expand(3, 18))
 
 
 def test_bfs_and_dfs_traces_are_correct_and_seeded():

@@ -1,14 +1,16 @@
 """Corpora as streams of documents (strings): ``builtin``, ``text:PATH``, ``parquet:PATH``, ``hf:NAME[:CONFIG]``.
 
 ``builtin`` is the standard library's ``pydoc_data.topics`` (about 465 KB of English documentation,
-ships with Python: needs no download). ``parquet`` and ``hf`` go through ``datasets.load_dataset``
-(local parquet files work offline). ``fingerprint`` identifies a corpus's content for the cache.
+ships with Python: needs no download). ``text:PATH`` is a file or a folder of .txt/.md files (one
+document each, sorted by path). ``parquet`` and ``hf`` go through ``datasets.load_dataset`` (split
+``train``, column ``data.text_column``); local parquet files and ``hf:`` local dataset folders work
+offline, hub names need the hub or a filled HF cache. ``fingerprint`` identifies a corpus's content for the cache.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from rayexp.config import ConfigError
 
@@ -31,14 +33,19 @@ def fingerprint(corpus: str) -> str:
     if kind in ("text", "parquet"):
         files = _files(arg, (".txt", ".md") if kind == "text" else (".parquet",))
         return ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    if kind == "hf" and Path(arg.partition(":")[0]).expanduser().exists():  # a local dataset folder
+        root = Path(arg.partition(":")[0]).expanduser()
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        return corpus + ";" + ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     if kind == "builtin":
         import pydoc_data.topics as t
         return f"pydoc_data:{len(t.topics)}:{os.path.getsize(t.__file__)}"
     return corpus
 
 
-def documents(corpus: str, text_column: str = "text") -> Iterator[str]:
-    """Yield the corpus's documents in a fixed order."""
+def documents(corpus: str, text_column: str = "text", hf_cache: Optional[str] = None) -> Iterator[str]:
+    """Yield the corpus's documents in a fixed order (``hf_cache``: where ``datasets`` keeps its Arrow
+    copy of local files; None: its default cache; hub names always use the default cache)."""
     kind, _, arg = corpus.partition(":")
     if kind == "builtin":
         import pydoc_data.topics as t
@@ -48,20 +55,22 @@ def documents(corpus: str, text_column: str = "text") -> Iterator[str]:
         for f in _files(arg, (".txt", ".md")):
             yield f.read_text(encoding="utf-8", errors="replace")
     elif kind == "parquet":
-        yield from _hf_rows("parquet", None, [str(f) for f in _files(arg, (".parquet",))], text_column, corpus)
+        files = [str(f) for f in _files(arg, (".parquet",))]
+        yield from _hf_rows("parquet", None, files, text_column, corpus, hf_cache)
     elif kind == "hf":
         name, _, config = arg.partition(":")
-        yield from _hf_rows(name, config or None, None, text_column, corpus)
+        local = Path(name).expanduser().exists()  # a local folder: keep datasets' copy in our cache
+        yield from _hf_rows(name, config or None, None, text_column, corpus, hf_cache if local else None)
     else:
         raise ConfigError(f"data.corpus: unknown corpus {corpus!r}; allowed: builtin, text:PATH, parquet:PATH, "
                           f"hf:NAME[:CONFIG], task:bfs, task:dfs")
 
 
-def _hf_rows(name, config, data_files, column, corpus) -> Iterator[str]:
+def _hf_rows(name, config, data_files, column, corpus, cache=None) -> Iterator[str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, data_files=data_files, split="train")
+        ds = datasets.load_dataset(name, config, data_files=data_files, split="train", cache_dir=cache)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"data.corpus={corpus!r} could not be loaded by datasets: {first[:200]}") from None

@@ -29,8 +29,19 @@ class Tokenizer:
 
 
 def use_encoding(name: str, encoding) -> None:
-    """Make ``get_tokenizer(name)`` use ``encoding`` (a ``tiktoken.Encoding``) instead of tiktoken's registry."""
-    _INJECTED[name] = encoding
+    """Make ``get_tokenizer(name)`` use ``encoding`` (a ``tiktoken.Encoding``) instead of tiktoken's registry;
+    ``None`` restores the registry's."""
+    if encoding is None:
+        _INJECTED.pop(name, None)
+    else:
+        _INJECTED[name] = encoding
+
+
+def identity(name: str) -> str:
+    """What the token cache is keyed by: ``name``, plus the injected encoding's name and size if any
+    (so a stand-in encoding never shares a cache with the real one)."""
+    enc = _INJECTED.get(name)
+    return name if enc is None else f"{name}=injected:{enc.name}:{enc.n_vocab}"
 
 
 def _bytes() -> Tokenizer:
