@@ -53,6 +53,8 @@ class Trial:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_fmt(x)}" for k, x in v.items()) + "}"
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
@@ -202,10 +204,11 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
                        if k in LOGGED or k.startswith(LOGGED_PREFIXES)}
             if result.get("evaluated"):
                 metrics["val_loss"] = result["val_loss"]
-            if result.get("hessian"):
+            if result.get("hessian"):  # curvature after training: the training summary stays as it was
                 rep.log_metrics({k: v for k, v in metrics.items() if k.startswith("hessian/")}, int(result["step"]))
-            else:
-                rep.report(int(result["step"]), metrics)
+                self.last.setdefault(result["trial_key"], (exp, result, trial))
+                return
+            rep.report(int(result["step"]), metrics)
             self.last[result["trial_key"]] = (exp, result, trial)
             if result.get("evaluated") or result.get("diverged"):
                 self._print(exp, result)
@@ -397,8 +400,8 @@ def summarize(uri: str, parent_run_id: str, spec: SweepSpec) -> list[dict]:
                               max_results=10000)
     swept = sorted({_param_name(p) for p in spec.spaces} - {"optimizer.name"})
     groups: dict = {}
-    for r in runs:
-        cfg = tuple((p, r.data.params.get(p)) for p in swept)
+    for r in runs:  # a swept mapping (e.g. optimizer.mada.hyper_lr) is logged as one param per key
+        cfg = tuple((p, r.data.params.get(p) or _joined(r.data.params, p)) for p in swept)
         groups.setdefault((r.data.params.get("optimizer.name"), cfg), []).append(r)
     rows = []
     for (opt, cfg), rs in groups.items():
@@ -416,6 +419,11 @@ def summarize(uri: str, parent_run_id: str, spec: SweepSpec) -> list[dict]:
         if row["optimizer"] not in best or row["mean"] < best[row["optimizer"]]["mean"]:
             best[row["optimizer"]] = row
     return sorted(best.values(), key=lambda r: r["mean"])
+
+
+def _joined(params: dict, prefix: str) -> Optional[str]:
+    items = sorted((k[len(prefix) + 1:], v) for k, v in params.items() if k.startswith(prefix + "."))
+    return ",".join(f"{k}={v}" for k, v in items) or None
 
 
 def _param_name(space_path: str) -> str:

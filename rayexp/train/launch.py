@@ -136,9 +136,10 @@ def run_trial(trial: dict) -> None:
     res = run_training(exp, reporter, resume_from=start, workdir=tempfile.mkdtemp(prefix="rayexp-trial-"))
     if exp.hessian.after_training and res.status == "finished" and res.checkpoint_dir:
         from rayexp.hessian import analyze_checkpoint
-        results, _ = analyze_checkpoint(res.checkpoint_dir, progress=False)
+        results, _ = analyze_checkpoint(res.checkpoint_dir, progress=False)  # files under <checkpoint>/hessian
         ray.tune.report({**{f"hessian/{k}": v for k, v in results["metrics"].items()}, **reporter.extra,
-                         "step": res.step, "progress": res.step, "steps_total": exp.train.steps, "hessian": 1.0})
+                         "step": res.step, "progress": res.step, "steps_total": exp.train.steps, "hessian": 1.0,
+                         "val_loss": res.val_loss}, checkpoint=ray.tune.Checkpoint.from_directory(res.checkpoint_dir))
 
 
 def _fit_trainer(trial: dict, exp: Experiment) -> None:
