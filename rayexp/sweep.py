@@ -113,24 +113,50 @@ def plan(spec: SweepSpec, sweep_id: str) -> list[Trial]:
 # the Tune side
 
 
-def _optuna_space(spec: SweepSpec):
-    """Define-by-run search space for OptunaSearch over the active spaces of the chosen optimizer."""
-    def define(trial):
+def _scalar(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+class OptunaSpace:
+    """Define-by-run search space for OptunaSearch: the optimizer first, then only its active spaces.
+
+    Optuna's categorical choices must be scalars: a grid/choice of lists or mappings (``betas``,
+    ``mada.hyper_lr``) is suggested as an index into its candidates (``decode`` maps it back).
+    A picklable object, not a closure: Tune checkpoints the searcher with it.
+    """
+
+    def __init__(self, raw: dict):
+        self.raw = raw
+
+    def __call__(self, trial) -> None:
+        spec = SweepSpec(self.raw, "sweep")
         name_sp = spec.spaces.get("optimizer.name")
-        opt = trial.suggest_categorical("optimizer.name", name_sp.candidates()) if name_sp else spec.optimizer_names()[0]
+        opt = trial.suggest_categorical("optimizer.name", name_sp.candidates()) if name_sp \
+            else spec.optimizer_names()[0]
         for path, sp in spec.active_spaces(opt).items():
             if path == "optimizer.name":
                 continue
-            lo_hi = sp.args
+            lo, hi = (sp.args + [None])[:2]
             if sp.kind in ("grid", "choice"):
-                trial.suggest_categorical(path, sp.args)
+                scalar = all(_scalar(v) for v in sp.args)
+                trial.suggest_categorical(path, sp.args if scalar else list(range(len(sp.args))))
             elif sp.kind == "uniform":
-                trial.suggest_float(path, *lo_hi)
+                trial.suggest_float(path, lo, hi)
             elif sp.kind == "loguniform":
-                trial.suggest_float(path, *lo_hi, log=True)
+                trial.suggest_float(path, lo, hi, log=True)
             else:
-                trial.suggest_int(path, lo_hi[0], lo_hi[1] - 1)
-    return define
+                trial.suggest_int(path, lo, hi - 1)
+
+    @staticmethod
+    def decode(spec: SweepSpec, config: dict) -> dict:
+        """Optuna's suggestions as a SweepSpec assignment (indices back to list/mapping candidates)."""
+        out = {}
+        for path, value in config.items():
+            sp = spec.spaces.get(path)
+            if sp is not None and sp.kind in ("grid", "choice") and not all(_scalar(v) for v in sp.args):
+                value = sp.args[int(value)]
+            out[path] = value
+        return out
 
 
 def optuna_trial(config: dict, raw: dict, sweep_id: str) -> None:
@@ -145,7 +171,7 @@ def optuna_trial(config: dict, raw: dict, sweep_id: str) -> None:
     from rayexp.train.loop import run_training
 
     spec = SweepSpec(raw, "sweep")
-    assignment = {k: v for k, v in config.items() if "." in k}
+    assignment = OptunaSpace.decode(spec, {k: v for k, v in config.items() if "." in k})
     finals = []
     for i, seed in enumerate(spec.seeds):
         exp = spec.resolve(assignment, seed)
@@ -191,7 +217,7 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
         def _exp_of(self, trial, result) -> Experiment:
             if result["trial_key"] in planned:
                 return planned[result["trial_key"]].exp
-            assignment = {k: v for k, v in trial.config.items() if "." in k}
+            assignment = OptunaSpace.decode(spec, {k: v for k, v in trial.config.items() if "." in k})
             return spec.resolve(assignment, int(result["seed"]))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -304,7 +330,7 @@ def _tuner(spec: SweepSpec, state: dict, trials: list[Trial], restore: bool):
         from ray.tune.search.optuna import OptunaSearch
         trainable = tune.with_resources(tune.with_parameters(optuna_trial, raw=spec.raw, sweep_id=state["sweep_id"]),
                                         per_trial)
-        searcher = OptunaSearch(space=_optuna_space(spec), metric=s.metric, mode=s.mode, seed=s.seed)
+        searcher = OptunaSearch(space=OptunaSpace(spec.raw), metric=s.metric, mode=s.mode, seed=s.seed)
         tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
                                       metric=s.metric, mode=s.mode, max_concurrent_trials=s.max_concurrent,
                                       reuse_actors=True, trial_dirname_creator=_dirname)
