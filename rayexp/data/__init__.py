@@ -25,7 +25,7 @@ from rayexp.config import ConfigError
 from rayexp.data import corpora, tasks
 from rayexp.data.tokenizers import get_tokenizer, identity, use_encoding  # noqa: F401
 
-CACHE_VERSION = 2
+CACHE_VERSION = 2  # bump when tokenization or task generation changes
 
 
 @dataclass
