@@ -1,0 +1,294 @@
+"""GPT-2 124M training throughput and MFU on one GPU, rayexp against nanoGPT in the same process.
+
+    python benchmarks/train_throughput.py [--tiny] [--modes a,b,c] [--out results.json] [--profile prof.txt]
+
+Batch 12×1024 (nanoGPT's bench.py defaults: bias=False, dropout 0, vocab 50304, AdamW lr 1e-4,
+betas (0.9, 0.95), weight decay 1e-2 on ≥2-D tensors, TF32 allowed, one fixed random batch). Modes:
+
+    a   fp32 weights/activations (TF32 matmuls, as nanoGPT's bench sets) + naive attention
+    a0  as a with TF32 off (strict fp32; rayexp's train loop leaves torch's default, which is off)
+    b   bf16 autocast + sdpa (flash) attention
+    c   b + torch.compile
+
+Rows per mode: nanoGPT's model + its fused AdamW + bench.py's step (the anchor, from .anchors/nanogpt);
+rayexp's GPT with torch's fused AdamW and the same step; rayexp's GPT with ``rayexp.optim`` adamw (the
+zoo optimizer); and ``rayexp.train.loop.run_training`` itself (data sampling, grad clipping, grad-norm
+logging, zoo adamw; tokens/s from its own last log window; vocab 50257 from a synthetic BPE).
+
+tokens/s = 12·1024·steps / wall time of the timed window (median of ``--windows`` windows of
+``--steps`` steps after ``--warmup`` steps). MFU = (6N + 12·L·H·Q·T)·tokens/s / peak (nanoGPT's
+estimate, N = non-embedding parameters), against the bf16 matmul peak measured in this run and the
+datasheet peak (989 TFLOP/s bf16 dense on H100 SXM).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import math
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from _common import (ANCHORS, device, device_name, install_synthetic_gpt2, matmul_peak, nominal_peak, peak_memory_gib, peak_memory_reset,
+                     sync, table, write_json)
+
+from rayexp.models.gpt2 import GPT, GPTConfig
+
+MODES = {"a": dict(dtype="fp32", attention="naive", compile=False, tf32=True),
+         "a0": dict(dtype="fp32", attention="naive", compile=False, tf32=False),
+         "b": dict(dtype="bf16", attention="sdpa", compile=False, tf32=True),
+         "c": dict(dtype="bf16", attention="sdpa", compile=True, tf32=True)}
+
+
+def size(tiny: bool) -> dict:
+    if tiny:
+        return dict(batch=2, block=64, n_layer=2, n_head=2, n_embd=64, vocab=512)
+    return dict(batch=12, block=1024, n_layer=12, n_head=12, n_embd=768, vocab=50304)
+
+
+def load_nanogpt():
+    """nanoGPT's model.py from the ignored anchors folder (None if absent)."""
+    path = ANCHORS / "nanogpt" / "model.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def nanogpt_model(ng, sz: dict, attention: str, dev):
+    """nanoGPT's GPT; ``naive`` switches its attention to the explicit-softmax path (its non-flash code)."""
+    cfg = ng.GPTConfig(block_size=sz["block"], vocab_size=sz["vocab"], n_layer=sz["n_layer"], n_head=sz["n_head"],
+                       n_embd=sz["n_embd"], dropout=0.0, bias=False)
+    model = ng.GPT(cfg)
+    if attention == "naive":
+        T = sz["block"]
+        for block in model.transformer.h:
+            block.attn.flash = False
+            block.attn.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
+    return model.to(dev)
+
+
+def rayexp_model(sz: dict, attention: str, dev) -> GPT:
+    cfg = GPTConfig(vocab_size=sz["vocab"], block_size=sz["block"], n_layer=sz["n_layer"], n_head=sz["n_head"],
+                    n_embd=sz["n_embd"], dropout=0.0, bias=False, attention=attention)
+    return GPT(cfg).to(dev)
+
+
+def fused_adamw(model, dev):
+    """torch AdamW with nanoGPT's groups and settings (fused on CUDA, as nanoGPT's configure_optimizers)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 1e-2},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=dev.type == "cuda")
+
+
+def zoo_adamw(model):
+    """rayexp.optim's adamw with the same hyperparameters."""
+    from rayexp.config import OptimizerConfig
+    from rayexp.optim import build_optimizer
+    return build_optimizer(model, OptimizerConfig(name="adamw", lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-2))
+
+
+def bench_step(model, optimizer, X, Y, ctx):
+    """nanoGPT bench.py's step: forward under ctx, zero_grad, backward, step, loss.item()."""
+    with ctx:
+        _, loss = model(X, Y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def measure(step, tokens_per_step: int, warmup: int, steps: int, windows: int) -> dict:
+    """Warm up (compilation included), then ``windows`` timed windows of ``steps`` steps."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        loss = step()
+    sync()
+    warm_s = time.perf_counter() - t0
+    rates = []
+    for _ in range(windows):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        sync()
+        rates.append(tokens_per_step * steps / (time.perf_counter() - t0))
+    med = statistics.median(rates)
+    return {"tok_s": med, "spread": (max(rates) - min(rates)) / med, "warmup_s": warm_s, "loss": loss}
+
+
+def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X, Y):
+    peak_memory_reset()
+    torch.manual_seed(1337)
+    model = make_model()
+    opt = make_opt(model)
+    if mode["compile"]:
+        model = torch.compile(model)
+    use_bf16 = mode["dtype"] == "bf16"
+    ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    r = measure(lambda: bench_step(model, opt, X, Y, ctx), X.numel(), args.warmup, args.steps, args.windows)
+    r.update(row=name, mem_gib=peak_memory_gib(), ms_step=1e3 * X.numel() / r["tok_s"],
+             tflops=flops_per_token * r["tok_s"] / 1e12)
+    del model, opt
+    gc.collect()
+    return r
+
+
+def loop_row(mode_key, mode, sz, dev, args, flops_per_token):
+    """``rayexp.train.loop.run_training`` on the builtin corpus with a synthetic 50257-token BPE."""
+    from rayexp.config import Experiment
+    from rayexp.train.loop import run_training
+
+    install_synthetic_gpt2(50257 if not args.tiny else 457)
+    total = args.warmup + args.steps * args.windows
+    preset = {} if args.tiny else {"preset": "gpt2-124m"}
+    model = dict(preset or {"preset": None, "n_layer": sz["n_layer"], "n_head": sz["n_head"], "n_embd": sz["n_embd"],
+                            "block_size": sz["block"]}, attention=mode["attention"], bias=False)
+    exp = Experiment(name="bench", model=model,
+                     data={"corpus": "builtin", "tokenizer": "gpt2", "cache_dir": args.cache},
+                     train={"steps": total, "batch_size": sz["batch"], "eval_every": 10 ** 6, "eval_batches": 1,
+                            "log_every": args.steps, "warmup": 0, "precision": mode["dtype"], "clip": 1.0,
+                            "compile": mode["compile"], "checkpoint_every": 10 ** 6, "log_block_grad_norms": False},
+                     optimizer={"name": "adamw", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 1e-2},
+                     output_dir=args.cache)
+    peak_memory_reset()
+    t0 = time.perf_counter()
+    res = run_training(exp, workdir=f"{args.cache}/train_{mode_key}")
+    rates = [h["tokens_per_s"] for h in res.history if "tokens_per_s" in h][-args.windows:]
+    med = statistics.median(rates)
+    return {"row": "rayexp run_training (zoo adamw, clip, data)", "tok_s": med,
+            "spread": (max(rates) - min(rates)) / med, "warmup_s": time.perf_counter() - t0, "loss": res.train_loss,
+            "mem_gib": peak_memory_gib(), "ms_step": 1e3 * sz["batch"] * sz["block"] / med,
+            "tflops": flops_per_token * med / 1e12}
+
+
+def profile_rows(ng, sz, dev, X, Y, path: str) -> None:
+    """torch.profiler tables (top CUDA kernels) of 3 steps of nanoGPT vs rayexp, modes a and b."""
+    from torch.profiler import ProfilerActivity, profile
+    out = []
+    for key in ("a", "b"):
+        mode = MODES[key]
+        torch.backends.cuda.matmul.allow_tf32 = mode["tf32"]
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if mode["dtype"] == "bf16" else nullcontext()
+        makers = [("rayexp", lambda: rayexp_model(sz, mode["attention"], dev))]
+        if ng is not None:
+            makers.insert(0, ("nanogpt", lambda: nanogpt_model(ng, sz, mode["attention"], dev)))
+        for name, make in makers:
+            model = make()
+            opt = fused_adamw(model, dev)
+            for _ in range(3):
+                bench_step(model, opt, X, Y, ctx)
+            sync()
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                for _ in range(3):
+                    bench_step(model, opt, X, Y, ctx)
+                sync()
+            sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+            out.append(f"==== mode {key}: {name} (3 steps) ====\n"
+                       + prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=70))
+            del model, opt
+            gc.collect()
+    with open(path, "w") as f:
+        f.write("\n\n".join(out))
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model at batch 2×64 (CPU smoke run)")
+    ap.add_argument("--modes", default="a,a0,b,c")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--windows", type=int, default=3)
+    ap.add_argument("--no-loop", action="store_true", help="skip the run_training rows")
+    ap.add_argument("--no-zoo", action="store_true", help="skip the rayexp.optim adamw rows")
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--profile", default=None, help="write profiler tables (modes a, b) here")
+    ap.add_argument("--cache", default="/tmp/rayexp_bench", help="token cache / workdir of the loop rows")
+    args = ap.parse_args(argv)
+
+    dev = device()
+    sz = size(args.tiny)
+    torch.manual_seed(1337)
+    X = torch.randint(sz["vocab"], (sz["batch"], sz["block"]), device=dev)
+    Y = torch.randint(sz["vocab"], (sz["batch"], sz["block"]), device=dev)
+    ng = load_nanogpt()
+    peak = matmul_peak(torch.bfloat16)
+    peak_tf32 = matmul_peak(torch.float32, tf32=True)
+    nominal = nominal_peak("bf16")
+    probe = rayexp_model(sz, "sdpa", "cpu")
+    fpt = probe.flops_per_token(sz["block"])
+    del probe
+    print(f"device: {device_name()}\nmeasured matmul peak: bf16 {peak / 1e12:.0f} TFLOP/s, tf32 {peak_tf32 / 1e12:.0f} "
+          f"TFLOP/s; nominal bf16 {nominal / 1e12:.0f}\nFLOPs/token {fpt / 1e6:.1f} M; nanoGPT anchor: "
+          f"{'yes' if ng else 'MISSING (.anchors/nanogpt/model.py)'}", flush=True)
+
+    rows = []
+    for key in args.modes.split(","):
+        mode = MODES[key]
+        torch.backends.cuda.matmul.allow_tf32 = mode["tf32"]
+        torch.backends.cudnn.allow_tf32 = mode["tf32"]
+        label = f"{key}: {mode['dtype']}{'+tf32' if mode['tf32'] and mode['dtype'] == 'fp32' else ''} " \
+                f"{mode['attention']}{' compile' if mode['compile'] else ''}"
+        specs = []
+        if ng is not None:
+            specs.append(("nanoGPT (fused AdamW)", lambda: nanogpt_model(ng, sz, mode["attention"], dev),
+                          lambda m: m.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), dev.type)))
+        specs.append(("rayexp GPT + torch fused AdamW", lambda: rayexp_model(sz, mode["attention"], dev),
+                      lambda m: fused_adamw(m, dev)))
+        if not args.no_zoo and key != "a0":  # a0 only contrasts TF32 on/off
+            specs.append(("rayexp GPT + rayexp.optim adamw", lambda: rayexp_model(sz, mode["attention"], dev),
+                          zoo_adamw))
+        base = None
+        for name, mk_model, mk_opt in specs:
+            try:
+                r = run_row(name, mk_model, mk_opt, mode, sz, dev, args, fpt, X, Y)
+            except Exception as e:  # report and go on: one failed row must not lose the others
+                print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
+                continue
+            rows.append({"mode": label, **r})
+            print(f"  {label:22s} {name:34s} {r['tok_s']:10.0f} tok/s", flush=True)
+        if not args.no_loop and key != "a0":
+            try:
+                r = loop_row(key, mode, sz, dev, args, fpt)
+                rows.append({"mode": label, **r})
+                print(f"  {label:22s} {r['row']:34s} {r['tok_s']:10.0f} tok/s", flush=True)
+            except Exception as e:
+                print(f"  run_training: FAILED {type(e).__name__}: {e}", flush=True)
+        for r in rows:
+            if r["mode"] == label and r["row"].startswith("nanoGPT"):
+                base = r["tok_s"]
+        for r in rows:
+            if r["mode"] == label:
+                r["vs_nanogpt"] = r["tok_s"] / base if base else float("nan")
+                r["mfu_measured"] = 100 * r["tflops"] * 1e12 / peak
+                r["mfu_nominal"] = 100 * r["tflops"] * 1e12 / nominal
+                r["mfu_tf32_measured"] = 100 * r["tflops"] * 1e12 / peak_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    cols = ["mode", "row", "tok_s", "ms_step", "vs_nanogpt", "mfu_measured", "mfu_nominal", "spread", "mem_gib",
+            "warmup_s"]
+    print(f"\nGPT-2 {'tiny' if args.tiny else '124M'}, batch {sz['batch']}x{sz['block']}, {device_name()}; "
+          f"MFU % vs measured bf16 peak {peak / 1e12:.0f} TFLOP/s (mfu_measured) and nominal "
+          f"{nominal / 1e12:.0f} (mfu_nominal); mode a also vs measured TF32 peak {peak_tf32 / 1e12:.0f}: "
+          + ", ".join(f"{r['row'][:12]} {r['mfu_tf32_measured']:.1f}%" for r in rows if r["mode"].startswith("a:")))
+    print(table(rows, cols, {"tok_s": ".0f", "ms_step": ".1f", "vs_nanogpt": ".3f", "mfu_measured": ".1f",
+                             "mfu_nominal": ".1f", "spread": ".3f", "mem_gib": ".1f", "warmup_s": ".1f"}))
+    write_json(args.out, {"rows": rows, "peak_bf16": peak, "peak_tf32": peak_tf32, "nominal_bf16": nominal,
+                          "flops_per_token": fpt, "size": sz, "argv": sys.argv})
+    if args.profile:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        profile_rows(ng, sz, dev, X, Y, args.profile)
+        print(f"profile tables: {args.profile}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
