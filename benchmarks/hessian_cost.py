@@ -223,7 +223,8 @@ def slq_part(args, dev, tokens) -> list[dict]:
     from rayexp.hessian import HVP, slq
     from rayexp.hessian.distributed import ShardedHessian
     sz = sizes(args.tiny)
-    model = trained_model(sz["slq_model"], sz["vocab"], 0, sz["slq_batch"], tokens, dev)
+    # vocab 256: the corpus is bytes, and SLQ keeps probes × steps float64 Lanczos vectors of length d
+    model = trained_model(sz["slq_model"], 256, 0, sz["slq_batch"], tokens, dev)
     T = sz["slq_model"]["block_size"]
     batches = [tuple(t.cpu() for t in batch(tokens, sz["slq_batch"], T, 100 + i, "cpu")) for i in range(args.slq_batches)]
     rows = []
@@ -238,6 +239,8 @@ def slq_part(args, dev, tokens) -> list[dict]:
                  "moment1": q.moment(1), "speedup": 1.0})
     del op
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the actors need the memory this process cached
     n_gpu = torch.cuda.device_count()
     ray.init(num_cpus=max(4, args.max_actors), num_gpus=n_gpu, include_dashboard=False, log_to_driver=False)
     try:

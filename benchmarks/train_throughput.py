@@ -105,6 +105,31 @@ def bench_step(model, optimizer, X, Y, ctx):
     return loss.item()
 
 
+def bf16_ce_step(model, optimizer, X, Y, ctx):
+    """bench_step with nanoGPT's loss on rayexp's logits: cross-entropy of the autocast-dtype logits
+    (rayexp's GPT.forward upcasts logits to fp32 first); isolates that choice's cost."""
+    with ctx:
+        logits, _ = model(X)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def loop_sync_step(model, optimizer, X, Y, ctx):
+    """bench_step in run_training's order: loss.item() after backward, clip_grad_norm_(1.0).item(),
+    then optimizer.step() (two host syncs before the optimizer's launches)."""
+    with ctx:
+        _, loss = model(X, Y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    lossf = loss.item()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0).item()
+    optimizer.step()
+    return lossf
+
+
 def measure(step, tokens_per_step: int, warmup: int, steps: int, windows: int) -> dict:
     """Warm up (compilation included), then ``windows`` timed windows of ``steps`` steps."""
     t0 = time.perf_counter()
@@ -124,7 +149,7 @@ def measure(step, tokens_per_step: int, warmup: int, steps: int, windows: int) -
     return {"tok_s": med, "spread": (max(rates) - min(rates)) / med, "warmup_s": warm_s, "loss": loss}
 
 
-def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X, Y):
+def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X, Y, step_fn=None):
     peak_memory_reset()
     torch.manual_seed(1337)
     model = make_model()
@@ -133,7 +158,8 @@ def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X,
         model = torch.compile(model)
     use_bf16 = mode["dtype"] == "bf16"
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    r = measure(lambda: bench_step(model, opt, X, Y, ctx), X.numel(), args.warmup, args.steps, args.windows)
+    step_fn = step_fn or bench_step
+    r = measure(lambda: step_fn(model, opt, X, Y, ctx), X.numel(), args.warmup, args.steps, args.windows)
     r.update(row=name, mem_gib=peak_memory_gib(), ms_step=1e3 * X.numel() / r["tok_s"],
              tflops=flops_per_token * r["tok_s"] / 1e12)
     del model, opt
@@ -208,6 +234,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--no-loop", action="store_true", help="skip the run_training rows")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="modes b/c: extra rows isolating the fp32 loss upcast and run_training's host syncs")
     ap.add_argument("--no-zoo", action="store_true", help="skip the rayexp.optim adamw rows")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="write profiler tables (modes a, b) here")
@@ -246,10 +274,15 @@ def main(argv=None) -> list[dict]:
         if not args.no_zoo and key != "a0":  # a0 only contrasts TF32 on/off
             specs.append(("rayexp GPT + rayexp.optim adamw", lambda: rayexp_model(sz, mode["attention"], dev),
                           zoo_adamw))
+        if args.diagnose and key in ("b", "c"):
+            mk = lambda: rayexp_model(sz, mode["attention"], dev)  # noqa: E731
+            specs += [("rayexp GPT, bf16 CE (nanoGPT's loss)", mk, lambda m: fused_adamw(m, dev), bf16_ce_step),
+                      ("rayexp GPT + fused AdamW + loop syncs", mk, lambda m: fused_adamw(m, dev), loop_sync_step),
+                      ("rayexp GPT + zoo adamw + loop syncs", mk, zoo_adamw, loop_sync_step)]
         base = None
-        for name, mk_model, mk_opt in specs:
+        for name, mk_model, mk_opt, *step_fn in specs:
             try:
-                r = run_row(name, mk_model, mk_opt, mode, sz, dev, args, fpt, X, Y)
+                r = run_row(name, mk_model, mk_opt, mode, sz, dev, args, fpt, X, Y, *step_fn)
             except Exception as e:  # report and go on: one failed row must not lose the others
                 print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
                 continue
