@@ -94,14 +94,14 @@ class TuneReporter:
         return False
 
 
-def resume_dir(get_checkpoint: Callable) -> tuple[Optional[str], int, Optional[float]]:
-    """The latest Ray checkpoint of this trial as a local directory, its step and its latest val loss
+def resume_dir(get_checkpoint: Callable, scratch: str) -> tuple[Optional[str], int, Optional[float]]:
+    """The latest Ray checkpoint of this trial copied under ``scratch``, its step and its latest val loss
     (None, 0, None when the trial starts fresh)."""
     ckpt = get_checkpoint()
     if ckpt is None:
         return None, 0, None
     from rayexp.train.checkpoint import load_state
-    local = ckpt.to_directory(tempfile.mkdtemp(prefix="rayexp-resume-"))
+    local = ckpt.to_directory(os.path.join(scratch, "resume"))
     state = load_state(local)
     val = next((h["val_loss"] for h in reversed(state["history"]) if "val_loss" in h), None)
     return local, int(state["step"]), val
@@ -112,9 +112,10 @@ def _identity(trial: dict, resumed: int) -> dict:
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
-def _reporter(trial: dict, exp: Experiment, report_fn: Callable, checkpoint_cls, get_checkpoint: Callable):
+def _reporter(trial: dict, exp: Experiment, report_fn: Callable, checkpoint_cls, get_checkpoint: Callable,
+              scratch: str):
     """The trial's reporter and the checkpoint directory it resumes from (None: a fresh start)."""
-    start, step, val = resume_dir(get_checkpoint)
+    start, step, val = resume_dir(get_checkpoint, scratch)
     return TuneReporter(exp, report_fn, checkpoint_cls, _identity(trial, step), last_val=val), start
 
 
@@ -122,9 +123,10 @@ def train_worker(config: dict) -> None:
     """Ray Train worker entry: one rank of a DDP / DeepSpeed trial (process group set up by Ray Train)."""
     exp = Experiment.model_validate(config["exp"])
     factory = deepspeed_engine_factory(exp) if exp.resources.strategy == "deepspeed" else None
-    reporter, start = _reporter(config, exp, ray.train.report, ray.train.Checkpoint, ray.train.get_checkpoint)
-    run_training(exp, reporter, resume_from=start, workdir=tempfile.mkdtemp(prefix="rayexp-train-"),
-                 engine_factory=factory)
+    with tempfile.TemporaryDirectory(prefix="rayexp-train-") as scratch:  # Ray keeps its own checkpoint copies
+        reporter, start = _reporter(config, exp, ray.train.report, ray.train.Checkpoint, ray.train.get_checkpoint,
+                                    scratch)
+        run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"), engine_factory=factory)
 
 
 def run_trial(trial: dict) -> None:
@@ -132,14 +134,21 @@ def run_trial(trial: dict) -> None:
     exp = Experiment.model_validate(trial["exp"])
     if needs_trainer(exp):
         return _fit_trainer(trial, exp)
-    reporter, start = _reporter(trial, exp, ray.tune.report, ray.tune.Checkpoint, ray.tune.get_checkpoint)
-    res = run_training(exp, reporter, resume_from=start, workdir=tempfile.mkdtemp(prefix="rayexp-trial-"))
-    if exp.hessian.after_training and res.status == "finished" and res.checkpoint_dir:
-        from rayexp.hessian import analyze_checkpoint
-        results, _ = analyze_checkpoint(res.checkpoint_dir, progress=False)  # files under <checkpoint>/hessian
-        ray.tune.report({**{f"hessian/{k}": v for k, v in results["metrics"].items()}, **reporter.extra,
-                         "step": res.step, "progress": res.step, "steps_total": exp.train.steps, "hessian": 1.0,
-                         "val_loss": res.val_loss}, checkpoint=ray.tune.Checkpoint.from_directory(res.checkpoint_dir))
+    with tempfile.TemporaryDirectory(prefix="rayexp-trial-") as scratch:  # Tune keeps its own checkpoint copies
+        reporter, start = _reporter(trial, exp, ray.tune.report, ray.tune.Checkpoint, ray.tune.get_checkpoint,
+                                    scratch)
+        res = run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"))
+        if exp.hessian.after_training and res.status == "finished" and res.checkpoint_dir:
+            _hessian_after_training(exp, res, reporter.extra)
+
+
+def _hessian_after_training(exp: Experiment, res, extra: dict) -> None:
+    """Curvature of the final checkpoint (``hessian:`` section); metrics and files go back to Tune."""
+    from rayexp.hessian import analyze_checkpoint
+    results, _ = analyze_checkpoint(res.checkpoint_dir, progress=False)  # files under <checkpoint>/hessian
+    ray.tune.report({**{f"hessian/{k}": v for k, v in results["metrics"].items()}, **extra,
+                     "step": res.step, "progress": res.step, "steps_total": exp.train.steps, "hessian": 1.0,
+                     "val_loss": res.val_loss}, checkpoint=ray.tune.Checkpoint.from_directory(res.checkpoint_dir))
 
 
 def _fit_trainer(trial: dict, exp: Experiment) -> None:
