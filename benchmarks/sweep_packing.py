@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -55,13 +56,19 @@ def sweep_path(gpus: float, args) -> dict:
     out = tempfile.mkdtemp(prefix="packing-")
     raw = raw_sweep(gpus, args.steps, out)
     t0 = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    child = subprocess.Popen([sys.executable, "-c", SWEEP_CHILD, json.dumps(raw)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=out, env=env, start_new_session=True)
     try:
-        p = subprocess.run([sys.executable, "-c", SWEEP_CHILD, json.dumps(raw)], capture_output=True, text=True,
-                           timeout=args.timeout, cwd=out, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
-                               [str(HERE.parent)] + os.environ.get("PYTHONPATH", "").split(os.pathsep))))
+        stdout, _ = child.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
-        return {"wall_s": float("nan"), "note": f"no result within {args.timeout} s (hang?)"}
+        os.killpg(child.pid, signal.SIGKILL)  # the child's session: its driver and the Ray it started
+        stdout, _ = child.communicate()
+        done = [ln for ln in stdout.splitlines() if "finished" in ln.lower() or "terminated" in ln.lower()]
+        tail = [ln for ln in stdout.splitlines() if ln.strip()][-3:]
+        return {"wall_s": float("nan"), "note": f"no result within {args.timeout} s; {len(done)} lines saying "
+                f"finished/terminated; last: " + " | ".join(tail)[-400:]}
+    p = subprocess.CompletedProcess(child.args, child.returncode, stdout, "")
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         tail = (p.stdout + p.stderr).strip().splitlines()[-6:]
