@@ -1,0 +1,157 @@
+"""JAX port of GPT-2 / TokenMLP / TokenCNN vs torch: logits, loss, gradient, HVP (torch.func and dense Hessian)."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jvp
+
+from rayexp.hessian.jax_backend import arch, forward, jax_grad_fn, jax_hvp_fn, loss_fn, params_from_torch, x64
+from rayexp.models import GPT, ConvConfig, GPTConfig, TokenCNN, TokenMLP
+
+V = 16
+
+
+def make_model(kind: str, n_layer: int = 1, **over):
+    """A tiny fp64 model with every parameter perturbed (nonzero biases, LayerNorm gains ≠ 1)."""
+    torch.manual_seed(0)
+    if kind == "gpt":
+        model = GPT(GPTConfig(**{**dict(vocab_size=V, block_size=8, n_layer=n_layer, n_head=2, n_embd=8,
+                                        attention="naive", dropout=0.0), **over}))
+    else:
+        cfg = ConvConfig(vocab_size=V, block_size=8, n_layer=n_layer, n_embd=8, **over)
+        model = TokenCNN(cfg) if kind == "cnn" else TokenMLP(cfg)
+    model = model.double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def make_batches(n=2, bs=3, T=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(V, (bs, T), generator=g), torch.randint(V, (bs, T), generator=g)) for _ in range(n)]
+
+
+def torch_mean_loss(model, batches):
+    """Flat θ and L(flat θ) = mean fp64 cross-entropy over batches, through functional_call."""
+    named = list(model.named_parameters())
+    sizes = [p.numel() for _, p in named]
+
+    def loss(flat):
+        params = {n: t.view(p.shape) for (n, p), t in zip(named, torch.split(flat, sizes))}
+        tot = 0
+        for x, y in batches:
+            logits = functional_call(model, params, (x,))[0]
+            tot = tot + F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        return tot / len(batches)
+
+    return torch.cat([p.detach().reshape(-1) for _, p in named]), loss
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+@pytest.mark.parametrize("kind,bias", [("gpt", True), ("gpt", False), ("mlp", True), ("cnn", True)])
+def test_logits_and_loss_match_torch(kind, bias):
+    model = make_model(kind, bias=bias)
+    (x, y), = make_batches(n=1, T=6)  # T < block_size: position table and causal mask are sliced
+    logits_t = model(x)[0].detach()
+    loss_t = F.cross_entropy(logits_t.reshape(-1, V), y.reshape(-1)).item()
+    with x64():
+        params = params_from_torch(model)
+        assert all(p.dtype == jnp.float64 for p in params.values())
+        both = jax.jit(lambda p, x, y: (forward(p, x, arch(model)), loss_fn(p, x, y, arch(model))))
+        logits_j, loss_j = both(params, x.numpy(), y.numpy())
+    assert np.abs(np.asarray(logits_j) - logits_t.numpy()).max() < 1e-12
+    assert abs(float(loss_j) - loss_t) < 1e-10 * loss_t
+    # the model's own loss: GPT.forward upcasts logits with .float() (so fp32 there), the baselines stay fp64
+    assert abs(float(loss_j) - model(x, y)[1].item()) < (1e-5 if kind == "gpt" else 1e-10) * loss_t
+
+
+def test_flat_ordering_and_tied_weights():
+    model = make_model("gpt")
+    params = params_from_torch(model)
+    assert "lm_head.weight" not in params  # tied to transformer.wte.weight, counted once
+    assert list(params) == [n for n, _ in model.named_parameters()]
+    assert sum(p.size for p in params.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_grad_matches_autograd():
+    """jax_grad_fn vs torch.autograd.grad, at the model's θ and at another flat θ. (The MLP: the flattening
+    is the HVP's, checked on GPT below; GPT's XLA compile costs ~10 s of CPU per function.)"""
+    model = make_model("mlp")
+    batches = make_batches()
+    theta, loss = torch_mean_loss(model, batches)
+    g_ref = torch.autograd.grad(loss(theta.requires_grad_()), theta)[0].numpy()
+    gfn = jax_grad_fn(model, batches)
+    g = gfn()
+    assert g.shape == theta.shape and g.dtype == np.float64
+    assert rel(g, g_ref) < 1e-10
+    theta2 = theta.detach() + 0.1 * torch.randn(theta.numel(), dtype=torch.float64)
+    g2_ref = torch.autograd.grad(loss(theta2.requires_grad_()), theta2)[0].numpy()
+    assert rel(gfn(theta2.detach().numpy()), g2_ref) < 1e-10
+    assert rel(g2_ref, g_ref) > 1e-3  # θ really moved
+
+
+@pytest.mark.parametrize("kind", ["gpt", "mlp", "cnn"])
+def test_hvp_matches_torch_func(kind):
+    """Independent torch reference: jvp(grad(L)) over functional_call, in fp64."""
+    model = make_model(kind)
+    batches = make_batches()
+    theta, loss = torch_mean_loss(model, batches)
+    hvp = jax_hvp_fn(model, batches, dtype="float64")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        v = rng.standard_normal(theta.numel())
+        ref = jvp(grad(loss), (theta,), (torch.from_numpy(v),))[1].numpy()
+        out = hvp(v)
+        assert out.dtype == np.float64 and out.shape == v.shape
+        assert rel(out, ref) < 1e-5
+        assert rel(out, ref) < 1e-10  # in fact equal to rounding
+
+
+def test_hvp_matches_dense_hessian():
+    model = make_model("gpt")
+    batches = make_batches()
+    theta, loss = torch_mean_loss(model, batches)
+    H = torch.autograd.functional.hessian(loss, theta, vectorize=True).numpy()
+    assert H.shape[0] <= 2000
+    hvp = jax_hvp_fn(model, batches)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        v = rng.standard_normal(H.shape[0])
+        assert rel(hvp(v), H @ v) < 1e-5
+    # a column: H e_i, on a LayerNorm gain coordinate and on an embedding row
+    for i in (0, H.shape[0] - 10):
+        e = np.zeros(H.shape[0])
+        e[i] = 1.0
+        assert rel(hvp(e), H[:, i]) < 1e-5
+
+
+def test_float32_and_global_x64_untouched():
+    model = make_model("mlp")  # the dtype plumbing is model-independent; the MLP compiles fastest
+    batches = make_batches()
+    v = np.random.default_rng(2).standard_normal(sum(p.numel() for p in model.parameters()))
+    h64 = jax_hvp_fn(model, batches, dtype="float64")(v)
+    h32 = jax_hvp_fn(model, batches, dtype="fp32")(v)
+    assert h32.dtype == np.float64  # returned as float64, computed in float32
+    assert 1e-9 < rel(h32, h64) < 1e-4
+    assert not jax.config.jax_enable_x64  # x64 only inside our calls
+    assert jnp.asarray(np.ones(2)).dtype == jnp.float32
+
+
+def test_bad_inputs():
+    model = make_model("gpt")
+    with pytest.raises(ValueError, match="dtype"):
+        jax_hvp_fn(model, make_batches(), dtype="float16")
+    with pytest.raises(ValueError, match="length d="):
+        jax_hvp_fn(model, make_batches())(np.zeros(3))
+    with pytest.raises(ValueError, match="no JAX port"):
+        params_from_torch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="batch"):
+        jax_hvp_fn(model, [])
