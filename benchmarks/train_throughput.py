@@ -105,12 +105,12 @@ def bench_step(model, optimizer, X, Y, ctx):
     return loss.item()
 
 
-def bf16_ce_step(model, optimizer, X, Y, ctx):
-    """bench_step with nanoGPT's loss on rayexp's logits: cross-entropy of the autocast-dtype logits
-    (rayexp's GPT.forward upcasts logits to fp32 first); isolates that choice's cost."""
+def upcast_ce_step(model, optimizer, X, Y, ctx):
+    """bench_step with the loss rayexp's GPT.forward computed before commit "gpt2: no explicit fp32
+    upcast under autocast": cross-entropy of ``logits.float()`` (an fp32 copy of the (B·T, V) logits)."""
     with ctx:
         logits, _ = model(X)
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), Y.view(-1))
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)).float(), Y.view(-1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -146,7 +146,8 @@ def measure(step, tokens_per_step: int, warmup: int, steps: int, windows: int) -
         sync()
         rates.append(tokens_per_step * steps / (time.perf_counter() - t0))
     med = statistics.median(rates)
-    return {"tok_s": med, "spread": (max(rates) - min(rates)) / med, "warmup_s": warm_s, "loss": loss}
+    return {"tok_s": med, "spread": (max(rates) - min(rates)) / med, "warmup_s": warm_s, "loss": loss,
+            "rates": rates}
 
 
 def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X, Y, step_fn=None):
@@ -235,7 +236,10 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--windows", type=int, default=3)
     ap.add_argument("--no-loop", action="store_true", help="skip the run_training rows")
     ap.add_argument("--diagnose", action="store_true",
-                    help="modes b/c: extra rows isolating the fp32 loss upcast and run_training's host syncs")
+                    help="modes b/c: extra rows isolating the old fp32 loss upcast and run_training's host syncs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run each mode's rows this many times, alternating their order (cancels order/clock "
+                         "drift); tok/s is the mean over rounds, spread the range over all windows")
     ap.add_argument("--no-zoo", action="store_true", help="skip the rayexp.optim adamw rows")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="write profiler tables (modes a, b) here")
@@ -276,18 +280,27 @@ def main(argv=None) -> list[dict]:
                           zoo_adamw))
         if args.diagnose and key in ("b", "c"):
             mk = lambda: rayexp_model(sz, mode["attention"], dev)  # noqa: E731
-            specs += [("rayexp GPT, bf16 CE (nanoGPT's loss)", mk, lambda m: fused_adamw(m, dev), bf16_ce_step),
+            specs += [("rayexp GPT, explicit fp32 logits (old)", mk, lambda m: fused_adamw(m, dev), upcast_ce_step),
                       ("rayexp GPT + fused AdamW + loop syncs", mk, lambda m: fused_adamw(m, dev), loop_sync_step),
                       ("rayexp GPT + zoo adamw + loop syncs", mk, zoo_adamw, loop_sync_step)]
         base = None
-        for name, mk_model, mk_opt, *step_fn in specs:
-            try:
-                r = run_row(name, mk_model, mk_opt, mode, sz, dev, args, fpt, X, Y, *step_fn)
-            except Exception as e:  # report and go on: one failed row must not lose the others
-                print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
-                continue
+        got: dict[str, list[dict]] = {}
+        for rnd in range(args.rounds):
+            for name, mk_model, mk_opt, *step_fn in (specs if rnd % 2 == 0 else specs[::-1]):
+                try:
+                    r = run_row(name, mk_model, mk_opt, mode, sz, dev, args, fpt, X, Y, *step_fn)
+                except Exception as e:  # report and go on: one failed row must not lose the others
+                    print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
+                    continue
+                got.setdefault(name, []).append(r)
+                print(f"  {label:22s} {name:38s} round {rnd} {r['tok_s']:10.0f} tok/s", flush=True)
+        for name, rs in got.items():
+            r = dict(rs[0])
+            r["tok_s"] = statistics.mean(x["tok_s"] for x in rs)
+            rates = [v for x in rs for v in x["rates"]]
+            r.update(spread=(max(rates) - min(rates)) / r["tok_s"], rates=rates, rounds=len(rs), ms_step=1e3 * X.numel() / r["tok_s"],
+                     tflops=fpt * r["tok_s"] / 1e12, mem_gib=max(x["mem_gib"] for x in rs))
             rows.append({"mode": label, **r})
-            print(f"  {label:22s} {name:34s} {r['tok_s']:10.0f} tok/s", flush=True)
         if not args.no_loop and key != "a0":
             try:
                 r = loop_row(key, mode, sz, dev, args, fpt)
