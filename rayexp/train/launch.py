@@ -21,9 +21,13 @@ from rayexp.train.loop import run_training
 
 
 def needs_trainer(exp: Experiment) -> bool:
-    """True when a trial must run on a Ray Train worker group rather than in the Tune trial."""
+    """True when a trial must run on a Ray Train worker group rather than in the Tune trial.
+
+    A 1-worker trial (CPU or a GPU fraction) runs in the Tune trial itself, which holds its resources;
+    only then can several small trials share one GPU without each also starting a TorchTrainer that
+    asks for the same GPU share a second time."""
     r = exp.resources
-    return r.workers > 1 or r.gpus_per_worker > 0 or r.strategy == "deepspeed"
+    return r.workers > 1 or r.strategy == "deepspeed"
 
 
 def check_strategy(exp: Experiment) -> None:
