@@ -201,6 +201,9 @@ def _setup(model: nn.Module, batches: Sequence, dtype: str) -> _Setup:
                 for x, y in batches]
     if not data:
         raise ValueError("JAX HVP needs at least one (x, y) batch; got none")
+    T, block = max(x.shape[1] for x, _ in data), model.config.block_size
+    if T > block:  # JAX clamps wpe[:T] silently; torch raises
+        raise ValueError(f"batch sequence length {T} exceeds model.block_size {block}")
     return _Setup(params, data, arch(model), sum(p.size for p in params.values()))
 
 
