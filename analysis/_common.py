@@ -1,0 +1,180 @@
+"""What every analysis script shares: command line, running its sweep through ``rayexp.sweep``, curvature
+on the sweep's checkpoints through ``rayexp.hessian``, figures through ``rayexp.report``, the verdict table.
+
+Each script describes its sweep as a raw config (the same mapping a sweep YAML holds) for two scales:
+``small`` (gpt2-tiny, builtin corpus, CPU; ≤ 10 min on 2 cores) and ``gpt2-124m`` (GPU cluster,
+OpenWebText through ``hf:``). Everything it prints is read back from MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python analysis/x.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from rayexp.config import HessianConfig, SweepSpec  # noqa: E402
+
+SCALES = ("small", "gpt2-124m")
+
+SMALL_TRAIN = {"steps": 200, "batch_size": 16, "eval_every": 50, "eval_batches": 8, "log_every": 25,
+               "schedule": "cosine", "warmup": 20, "clip": 1.0, "log_block_grad_norms": False}
+GPT2_124M_TRAIN = {"steps": 5000, "batch_size": 12, "grad_accum": 5, "eval_every": 250, "eval_batches": 50,
+                   "log_every": 50, "schedule": "cosine", "warmup": 200, "clip": 1.0, "precision": "bf16",
+                   "log_block_grad_norms": False}
+
+
+def base_raw(name: str, scale: str, seeds: Sequence[int]) -> dict:
+    """The shared part of a sweep at ``scale``: model, data, train, resources, tracking."""
+    if scale == "small":
+        return {"name": name, "model": {"preset": "gpt2-tiny", "attention": "sdpa"},
+                "data": {"corpus": "builtin", "tokenizer": "bytes"}, "train": dict(SMALL_TRAIN),
+                "seeds": list(seeds), "search": {"algorithm": "grid", "metric": "val_loss", "mode": "min"},
+                "resources": {"workers": 1, "cpus_per_worker": 1}}
+    return {"name": name, "model": {"preset": "gpt2-124m", "attention": "sdpa"},
+            "data": {"corpus": "hf:Skylion007/openwebtext", "tokenizer": "gpt2"}, "train": dict(GPT2_124M_TRAIN),
+            "seeds": list(seeds), "search": {"algorithm": "grid", "metric": "val_loss", "mode": "min"},
+            "resources": {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 4}}
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """Common options: --scale, --out, --uri, --steps, --seeds."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], epilog=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=SCALES, default="small", help="small: CPU minutes; gpt2-124m: GPU cluster")
+    p.add_argument("--out", default=None, help="output directory (default out/analysis/<script>)")
+    p.add_argument("--uri", default=None, help="MLflow URI (default sqlite:///<out>/mlflow.db)")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (override)")
+    return p
+
+
+def setup(args, name: str, default_seeds: Sequence[int]) -> tuple[dict, Path, str]:
+    """The base raw config, the output directory and the MLflow URI for this invocation."""
+    out = Path(args.out or ROOT / "out" / "analysis" / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = args.uri or f"sqlite:///{out / 'mlflow.db'}"
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(default_seeds)
+    raw = base_raw(name, args.scale, seeds)
+    if args.steps:
+        raw["train"]["steps"] = args.steps
+        raw["train"]["eval_every"] = max(1, min(raw["train"]["eval_every"], args.steps))
+        raw["train"]["warmup"] = min(raw["train"]["warmup"], args.steps // 5)
+    raw["tracking"] = {"uri": uri, "experiment": name}
+    raw["output_dir"] = str(out)
+    return raw, out, uri
+
+
+def run_sweep(raw: dict) -> dict:
+    """Run the sweep ``raw`` with ``rayexp.sweep.run_sweep``; returns its state (uri, experiment,
+    parent_run_id) and summary rows, and shuts Ray down."""
+    import ray
+
+    from rayexp.sweep import run_sweep as _run
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    t0 = time.perf_counter()
+    try:
+        res = _run(SweepSpec(raw, f"analysis:{raw['name']}"), quiet=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    res["seconds"] = time.perf_counter() - t0
+    print(f"sweep {raw['name']}: {res['seconds']:.0f} s, parent run {res['state']['parent_run_id']}", flush=True)
+    return res
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """MLflow child runs of a sweep (oldest first)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    eid = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs([eid], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              order_by=["start_time ASC"], max_results=10000)
+
+
+def pick(runs: list, **params) -> list:
+    """Runs whose params equal ``params`` (keys with dots given as ``optimizer__name``)."""
+    want = {k.replace("__", "."): str(v) for k, v in params.items()}
+    return [r for r in runs if all(r.data.params.get(k) == v for k, v in want.items())]
+
+
+def final_val(runs: list) -> tuple[float, float, int]:
+    """Mean, sample std (ddof=1) and count of ``final/val_loss`` over finished runs (diverged ⇒ inf)."""
+    vals = np.array([r.data.metrics.get("final/val_loss", math.inf)
+                     if r.data.tags.get("rayexp.status") in ("finished", "stopped") else math.inf for r in runs])
+    ok = vals[np.isfinite(vals)]
+    if not len(ok):
+        return math.inf, math.nan, 0
+    return float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok)
+
+
+def best_config(runs: list, key: str = "optimizer.lr") -> tuple[str, list]:
+    """The value of ``key`` with the lowest mean final val loss, and its runs."""
+    values = sorted({r.data.params.get(key) for r in runs})
+    best = min(values, key=lambda v: final_val([r for r in runs if r.data.params.get(key) == v])[0])
+    return best, [r for r in runs if r.data.params.get(key) == best]
+
+
+def hessian(uri: str, run, cfg: HessianConfig, out: Path) -> dict:
+    """Curvature of a child run's final checkpoint (downloaded from MLflow), logged back to that run
+    as ``hessian/*`` metrics and ``hessian/hessian.npz`` (``rayexp.hessian.analyze_checkpoint``)."""
+    from rayexp.hessian import analyze_checkpoint
+    from rayexp.tracking import checkpoint_from_run
+
+    t0 = time.perf_counter()
+    path = checkpoint_from_run(run.info.run_id, uri)
+    results, _ = analyze_checkpoint(path, cfg, run_id=run.info.run_id, uri=uri,
+                                    out_dir=str(out / "hessian" / run.info.run_id[:8]), progress=False)
+    print(f"hessian {run.info.run_name}: {results['hvps']} HVPs, {time.perf_counter() - t0:.0f} s", flush=True)
+    return results
+
+
+def report(uri: str, experiment: str, parent_run_id: str, out: Path, **kw):
+    """``rayexp.report.build_report`` into ``<out>/report`` (logged to the parent run)."""
+    from rayexp.report import build_report
+    rep = build_report(experiment, uri, out / "report", parent=parent_run_id, **kw)
+    for name, path in rep.figures.items():
+        print(f"figure {name}: {path}")
+    print(f"html: {rep.html}")
+    return rep
+
+
+def fmt(mean: float, std: float) -> str:
+    return "inf (diverged)" if not math.isfinite(mean) else f"{mean:.4f} ± {std:.4f}"
+
+
+def verdict(title: str, rows: list[tuple[str, str, Optional[bool]]], out: Path, extra: Optional[dict] = None) -> None:
+    """Print the verdict table (claim, measured numbers, holds / does not hold) and save it as
+    ``verdict.json`` / ``verdict.txt`` in ``out``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=True)
+    for col in ("claim", "measured", "verdict"):
+        table.add_column(col, overflow="fold")
+    for claim, measured, holds in rows:
+        table.add_row(claim, measured, "holds" if holds else ("does not hold" if holds is not None else "n/a"))
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    with open(out / "verdict.txt", "w") as f:
+        Console(file=f, width=140).print(table)
+    (out / "verdict.json").write_text(json.dumps(
+        {"title": title, "rows": [{"claim": c, "measured": m, "holds": h} for c, m, h in rows], **(extra or {})},
+        indent=1, default=str))
+
+
+def quiet_env() -> None:
+    """Fewer threads per trial and no progress noise (2 shared cores)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
