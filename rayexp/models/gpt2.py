@@ -148,7 +148,8 @@ class GPT(nn.Module):
             # Under autocast, cross_entropy already runs in fp32 (autocast's fp32 op list) straight from the
             # bf16 logits; an explicit upcast there costs a second (B·T, V) copy (benchmarks/RESULTS.md).
             flat = logits.view(-1, logits.size(-1))
-            if not torch.is_autocast_enabled(flat.device.type):
+            # bf16/fp16 weights without autocast: upcast; fp32 and fp64 models keep their own precision
+            if flat.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(flat.device.type):
                 flat = flat.float()
             loss = F.cross_entropy(flat, targets.reshape(-1))
         return logits, loss
