@@ -109,16 +109,19 @@ def main(argv=None) -> list[dict]:
     skipped = [g for g in args.gpus.split(",") if int(g) not in sizes]
     rows = []
     for strategy in args.strategies.split(","):
-        base = None
+        mine = []
         for n in sizes:
             r = launch(n, strategy, args)
             row = {"strategy": strategy if strategy == "ddp" else "deepspeed ZeRO-2", "gpus": n, **r}
             if "tok_s" in r:
-                base = base or (r["tok_s"] if n == 1 else None)
                 row["tok_s_per_gpu"] = r["tok_s"] / n
-                row["efficiency"] = r["tok_s"] / (n * base) if base else float("nan")
                 print(f"  {row['strategy']} x{n}: {r['tok_s']:.0f} tok/s", flush=True)
-            rows.append(row)
+            mine.append(row)
+        base = next((r["tok_s"] for r in mine if r["gpus"] == 1 and "tok_s" in r), None)
+        for r in mine:  # any order of --gpus: efficiency against this strategy's 1-GPU row
+            if "tok_s" in r:
+                r["efficiency"] = r["tok_s"] / (r["gpus"] * base) if base else float("nan")
+        rows += mine
     print(f"\nrun_training scaling, GPT-2 {'tiny' if args.tiny else '124M'} bf16 sdpa, batch "
           f"{2 if args.tiny else 12}x{64 if args.tiny else 1024} per GPU, {device_name()} x{avail or 'CPU'}"
           + (f"; not run (too few GPUs visible): {', '.join(skipped)}" if skipped else ""))

@@ -74,8 +74,8 @@ def nanogpt_model(ng, sz: dict, attention: str, dev):
     return model.to(dev)
 
 
-def rayexp_model(sz: dict, attention: str, dev) -> GPT:
-    cfg = GPTConfig(vocab_size=sz["vocab"], block_size=sz["block"], n_layer=sz["n_layer"], n_head=sz["n_head"],
+def rayexp_model(sz: dict, attention: str, dev, vocab: int | None = None) -> GPT:
+    cfg = GPTConfig(vocab_size=vocab or sz["vocab"], block_size=sz["block"], n_layer=sz["n_layer"], n_head=sz["n_head"],
                     n_embd=sz["n_embd"], dropout=0.0, bias=False, attention=attention)
     return GPT(cfg).to(dev)
 
@@ -128,6 +128,29 @@ def loop_sync_step(model, optimizer, X, Y, ctx):
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0).item()
     optimizer.step()
     return lossf
+
+
+def unpadded_step(vocab: int, step_fn):
+    """``step_fn`` on the fixed batch taken modulo ``vocab`` (for a model with GPT-2's real vocab 50257)."""
+    def step(model, optimizer, X, Y, ctx):
+        return step_fn(model, optimizer, X % vocab, Y % vocab, ctx)
+    return step
+
+
+def loop_data_step(vocab: int, n_tokens: int = 10_000_000):
+    """loop_sync_step on a fresh batch per step drawn as run_training draws it (``_step_indices`` +
+    ``_windows``: 12 numpy slices of a uint16 token array, stacked, int64, copied to the GPU)."""
+    import numpy as np
+    from rayexp.train.loop import _step_indices, _windows
+    toks = np.random.default_rng(0).integers(0, vocab, n_tokens).astype(np.uint16)
+    count = {"step": 0}
+
+    def step(model, optimizer, X, Y, ctx):
+        count["step"] += 1
+        starts = _step_indices(len(toks), X.shape[1], X.shape[0], 0, count["step"])
+        x, y = _windows(toks, starts, X.shape[1], X.device)
+        return loop_sync_step(model, optimizer, x, y, ctx)
+    return step
 
 
 def measure(step, tokens_per_step: int, warmup: int, steps: int, windows: int) -> dict:
@@ -283,6 +306,13 @@ def main(argv=None) -> list[dict]:
             specs += [("rayexp GPT, explicit fp32 logits (old)", mk, lambda m: fused_adamw(m, dev), upcast_ce_step),
                       ("rayexp GPT + fused AdamW + loop syncs", mk, lambda m: fused_adamw(m, dev), loop_sync_step),
                       ("rayexp GPT + zoo adamw + loop syncs", mk, zoo_adamw, loop_sync_step)]
+            # run_training's model has GPT-2's real vocab (50257, not padded to 50304 as nanoGPT's)
+            v = 50257 if not args.tiny else 500
+            mk57 = lambda: rayexp_model(sz, mode["attention"], dev, vocab=v)  # noqa: E731
+            specs += [(f"rayexp GPT vocab {v} + fused AdamW", mk57, lambda m: fused_adamw(m, dev),
+                       unpadded_step(v, bench_step)),
+                      (f"vocab {v} + zoo adamw + loop syncs", mk57, zoo_adamw, unpadded_step(v, loop_sync_step)),
+                      (f"vocab {v} + zoo adamw + loop syncs + loop data", mk57, zoo_adamw, loop_data_step(v))]
         base = None
         got: dict[str, list[dict]] = {}
         for rnd in range(args.rounds):
