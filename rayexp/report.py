@@ -329,7 +329,7 @@ def plot_mada(configs: Sequence[Config], band: str = "std"):
         for i, c in enumerate(mada):
             curves = [r.histories[coef] for r in c.runs if coef in r.histories]
             steps, mean, lo, hi, _ = seed_band(curves, band)
-            ax.plot(steps, mean, color=f"C{i % 10}", label=c.label)
+            ax.plot(steps, mean, color=f"C{i % 10}", label=f"{c.series} {c.label}")
             ax.fill_between(steps, lo, hi, color=f"C{i % 10}", alpha=0.25, linewidth=0)
             data[(coef, c.label)] = {"steps": steps, "mean": mean, "lo": lo, "hi": hi}
         ax.set_xlabel("step")
@@ -383,6 +383,7 @@ def load_hessian(sweep: SweepRuns, runs: Optional[Sequence[RunRecord]] = None,
 
 def _run_label(sweep: SweepRuns, r: RunRecord) -> str:
     varied = varied_params(sweep.runs) if len(sweep.runs) > 1 else []
+    varied.sort(key=lambda k: all(_is_numeric(x.params.get(k, "")) for x in sweep.runs))  # names first
     vals = " ".join(_short(k, r.params.get(k)) for k in varied if k in r.params)
     return f"{vals or r.name} s{r.seed}"
 

@@ -120,6 +120,7 @@ def test_seed_band_is_mean_plus_minus_sample_std():
         report.seed_band(curves, "sem")
 
 
+@pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
 def test_loss_band_equals_independent_mean_and_std(built, sweep):
     d = built.data["loss_curves"][("val_loss", "adamw")]
     assert list(d["steps"]) == list(STEPS)
@@ -147,6 +148,7 @@ def built_uri(rep: report.Report) -> str:
     return re.search(r"MLflow (\S+),", rep.html.read_text()).group(1)
 
 
+@pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
 def test_lr_sensitivity_and_best_table_match_logged_values(built):
     d = built.data["lr_sensitivity"]
     assert list(d["adamw"]["lr"]) == [1e-3, 3e-3, 3e-2]
@@ -165,6 +167,7 @@ def test_lr_sensitivity_and_best_table_match_logged_values(built):
     assert statuses["adamw-lr0.03-s1"] == "diverged"
 
 
+@pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
 def test_mada_trajectories_and_hessian_figures(built, sweep):
     d = built.data["mada"][("mada/beta1", "lr=0.003")]
     vals = np.array([[mada_beta1(s, st) for s in SEEDS] for st in STEPS])
@@ -181,6 +184,7 @@ def test_mada_trajectories_and_hessian_figures(built, sweep):
     assert next(iter(built.data["block_spectra"].values())) == len(h["arrays"]["block_names"])
 
 
+@pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
 def test_every_figure_has_labelled_axes_and_a_legend(built, mlflow_server):
     runs = report.load_runs(mlflow_server, "report-test")
     configs = report.group_configs(runs.runs)
@@ -198,6 +202,7 @@ def test_every_figure_has_labelled_axes_and_a_legend(built, mlflow_server):
     assert any(t.get_text() == "diverged (all seeds)" for t in figs[1].axes[0].get_legend().get_texts())
 
 
+@pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
 def test_html_is_self_contained_and_report_is_logged_on_the_parent(built, sweep, mlflow_server):
     page = built.html.read_text()
     imgs = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
