@@ -44,7 +44,7 @@ def mlflow_server(tmp_path_factory):
          "--workers", "1"],
         stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine can take minutes to import mlflow
         while True:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=2)
