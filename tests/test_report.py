@@ -231,7 +231,7 @@ def test_missing_data_is_skipped_and_cli_errors_are_one_line(mlflow_server, tmp_
     assert "skipped: no hessian" in (tmp_path / "r" / "report.html").read_text()
     assert report.main(["no-such-experiment", "--uri", mlflow_server, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: experiment 'no-such-experiment' not found") and "report-test" in err
+    assert err.startswith("error: experiment 'no-such-experiment' not found") and "report-bare" in err
     with pytest.raises(ConfigError, match="band"):
         report.build_report("report-bare", mlflow_server, tmp_path / "y", band="sem")
 
