@@ -3,7 +3,8 @@ than in a CNN (average pairwise Jensen–Shannon distance JS₀ between per-bloc
 
 Sweep: model.kind ∈ {gpt2, cnn} (gpt2-tiny and a token CNN of the same width), AdamW, one seed. Then
 ``rayexp.hessian`` on each final checkpoint: full SLQ density (``slq``) and blockwise densities with the JS
-matrix (``slq_blocks``), logged back to MLflow. JS₀ is reported on raw eigenvalues (rayexp.hessian's
+matrix (``slq_blocks``; weight tensors with Q/K/V split by default, ``--blocks all`` for every tensor),
+logged back to MLflow. JS₀ is reported on raw eigenvalues (rayexp.hessian's
 ``js_heterogeneity``) and on spectral *shape* (each block's nodes divided by its largest |node|, as the
 paper's Fig. 3 normalizes). ``--steps`` sets the training length (the paper measures at initialization;
 small steps approach that). Verdict: JS₀(transformer) > JS₀(CNN), for both variants.
@@ -25,8 +26,10 @@ def shape_js(arrays: dict) -> float:
 
 def main(argv=None) -> int:
     p = C.parser(__doc__)
-    p.add_argument("--probes", type=int, default=3)
-    p.add_argument("--lanczos-steps", type=int, default=20)
+    p.add_argument("--probes", type=int, default=2)
+    p.add_argument("--lanczos-steps", type=int, default=15)
+    p.add_argument("--blocks", default="*weight*", help="comma-separated fnmatch patterns of blocks "
+                   "(default: weight tensors, Q/K/V split; 'all' for every tensor)")
     args = p.parse_args(argv)
     C.quiet_env()
     raw, out, uri = C.setup(args, "claim3_blockwise_spectra", [0])
@@ -38,7 +41,8 @@ def main(argv=None) -> int:
     parent = res["state"]["parent_run_id"]
     runs = C.child_runs(uri, parent)
     cfg = HessianConfig(tasks=["slq", "slq_blocks"], batches=2, batch_size=8 if args.scale == "small" else 4,
-                        probes=args.probes, lanczos_steps=args.lanczos_steps, grid_points=20_000, dtype="fp64")
+                        probes=args.probes, lanczos_steps=args.lanczos_steps, grid_points=20_000, dtype="fp64",
+                        blocks=None if args.blocks == "all" else args.blocks.split(","))
     js = {}
     for kind in ("gpt2", "cnn"):
         r = C.pick(runs, model__kind=kind)[0]

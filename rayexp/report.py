@@ -254,7 +254,7 @@ def plot_loss_curves(best: dict[str, Config], band: str = "std"):
                 continue
             steps, mean, lo, hi, n = seed_band(curves, band)
             color = f"C{i % 10}"
-            ax.plot(steps, mean, color=color, label=f"{series} ({cfg.label}, {int(np.nanmax(n))} seeds)")
+            ax.plot(steps, mean, color=color, label=f"{series} ({'' if cfg.label == '-' else cfg.label + ', '}{int(np.nanmax(n))} seeds)")
             ax.fill_between(steps, lo, hi, color=color, alpha=0.25, linewidth=0)
             data[(key, series)] = {"steps": steps, "mean": mean, "lo": lo, "hi": hi, "n": n}
         ax.set_xlabel("step")
@@ -329,7 +329,7 @@ def plot_mada(configs: Sequence[Config], band: str = "std"):
         for i, c in enumerate(mada):
             curves = [r.histories[coef] for r in c.runs if coef in r.histories]
             steps, mean, lo, hi, _ = seed_band(curves, band)
-            ax.plot(steps, mean, color=f"C{i % 10}", label=f"{c.series} {c.label}")
+            ax.plot(steps, mean, color=f"C{i % 10}", label=c.series if c.label == "-" else f"{c.series} {c.label}")
             ax.fill_between(steps, lo, hi, color=f"C{i % 10}", alpha=0.25, linewidth=0)
             data[(coef, c.label)] = {"steps": steps, "mean": mean, "lo": lo, "hi": hi}
         ax.set_xlabel("step")
