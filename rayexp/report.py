@@ -43,6 +43,7 @@ BANDS = ("std", "minmax")
 SKIP_PARAMS = ("seed", "name", "output_dir", "data.cache_dir", "tracking.uri", "tracking.experiment")
 SKIP_PREFIXES = ("sweep.",)
 HISTORY_KEYS = ("train_loss", "val_loss")
+DENSITY_FLOOR = 1e-7  # spectra plots show densities down to this fraction of their peak
 HISTORY_PREFIXES = ("mada/",)
 
 
@@ -159,8 +160,7 @@ class Config:
     @property
     def label(self) -> str:
         """The varied values that are not part of the series name (e.g. ``lr=0.003``)."""
-        return " ".join(f"{k.split('.')[-1]}={v}" for k, v in self.values.items()
-                        if k not in self.series_params) or "-"
+        return " ".join(_short(k, v) for k, v in self.values.items() if k not in self.series_params) or "-"
 
     def finals(self) -> np.ndarray:
         return np.array([r.final_val_loss() for r in self.runs])
@@ -183,22 +183,39 @@ def group_configs(runs: Sequence[RunRecord], series: Optional[Sequence[str]] = N
     plus every varied non-numeric param)."""
     varied = varied_params(runs)
     if series is None:
-        series = [k for k in varied if not all(_is_numeric(r.params.get(k, "")) for r in runs)]
-        if "optimizer.name" not in series:
-            series = ["optimizer.name"] + series
+        series = ["optimizer.name"] + [k for k in varied if k != "optimizer.name"
+                                       and not all(_is_numeric(r.params.get(k, "")) for r in runs)]
     configs: dict = {}
     for r in runs:
-        values = {k: r.params.get(k) for k in varied}
+        values = {k: r.params.get(k) for k in varied if _applies(k, r.params)}
         key = tuple(values.items())
         if key not in configs:
-            ser = " ".join(_short(k, r.params.get(k)) for k in series if r.params.get(k) is not None)
+            ser = " ".join(_short(k, r.params.get(k)) for k in series
+                           if r.params.get(k) is not None and _applies(k, r.params))
             configs[key] = Config(values, ser or "runs", [], tuple(series))
         configs[key].runs.append(r)
     return list(configs.values())
 
 
+def _applies(param: str, params: dict) -> bool:
+    """False for an optimizer option the run's optimizer does not read (e.g. granularity under sgd)."""
+    from rayexp.optim.registry import OPTIMIZERS
+
+    family = OPTIMIZERS.get(params.get("optimizer.name", ""))
+    if family is None or not param.startswith("optimizer.") or param == "optimizer.name":
+        return True
+    sub = param[len("optimizer."):]
+    return any(sub == o or sub.startswith(o + ".") for o in family.options)
+
+
 def _short(param: str, value: str) -> str:
-    return value if param in ("optimizer.name", "model.kind") else f"{param.split('.')[-1]}={value}"
+    """``lr=0.003`` for optimizer.lr, ``rotation=per_tensor`` for rotation.kind, the bare value for the
+    optimizer name and model kind."""
+    if param in ("optimizer.name", "model.kind"):
+        return value
+    parts = param.split(".")
+    name = parts[-2] if parts[-1] in ("kind", "name") and len(parts) > 1 else parts[-1]
+    return f"{name}={value}"
 
 
 def best_per_series(configs: Sequence[Config]) -> dict[str, Config]:
@@ -384,8 +401,18 @@ def load_hessian(sweep: SweepRuns, runs: Optional[Sequence[RunRecord]] = None,
 def _run_label(sweep: SweepRuns, r: RunRecord) -> str:
     varied = varied_params(sweep.runs) if len(sweep.runs) > 1 else []
     varied.sort(key=lambda k: all(_is_numeric(x.params.get(k, "")) for x in sweep.runs))  # names first
-    vals = " ".join(_short(k, r.params.get(k)) for k in varied if k in r.params)
+    vals = " ".join(_short(k, r.params.get(k)) for k in varied if k in r.params and _applies(k, r.params))
     return f"{vals or r.name} s{r.seed}"
+
+
+def _colors(n: int) -> list:
+    """n distinguishable colours: matplotlib's default cycle up to 10, tab20 up to 20, then turbo."""
+    from matplotlib import colormaps
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
 
 
 def plot_spectra(results: Sequence[HessianResult]):
@@ -397,6 +424,7 @@ def plot_spectra(results: Sequence[HessianResult]):
     ax = fig.subplots()
     for i, h in enumerate(have):
         ax.semilogy(h.arrays["slq_grid"], h.arrays["slq_density"] + 1e-12, color=f"C{i % 10}", label=h.label)
+    ax.set_ylim(bottom=DENSITY_FLOOR * max(float(h.arrays["slq_density"].max()) for h in have))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (SLQ, Gaussian σ² smoothing)")
     ax.set_title("Full Hessian spectrum")
@@ -415,8 +443,10 @@ def plot_block_spectra(results: Sequence[HessianResult], max_legend: int = 12):
     axes = np.atleast_1d(fig.subplots(1, len(have)))
     for ax, h in zip(axes, have):
         a = h.arrays
+        colors = _colors(len(a["block_names"]))
         for j, (name, dens) in enumerate(zip(a["block_names"], a["block_densities"])):
-            ax.semilogy(a["block_grid"], dens + 1e-12, lw=0.8, color=f"C{j % 10}", label=str(name))
+            ax.semilogy(a["block_grid"], dens + 1e-12, lw=0.8, color=colors[j], label=str(name))
+        ax.set_ylim(bottom=DENSITY_FLOOR * float(np.max(a["block_densities"])))
         js = h.metrics.get("js_heterogeneity")
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density")
