@@ -233,7 +233,8 @@ class HessianConfig(_Strict):
     ``hutchinson_probes``: Rademacher probes for trace/diag/frobenius; ``cauchy_vectors``: k of the 1-1 norm;
     ``l11_rows``: size of the exact uniform row sample checking it (0: none); ``l11_rotation``: also
     estimate ‖RHRᵀ‖₁,₁ in this rotated basis; ``blocks``: fnmatch patterns selecting blocks for
-    slq_blocks/block_curvature (None: all for slq_blocks, weights for block_curvature).
+    slq_blocks/grad_heterogeneity/block_curvature (None: all for the first two, weights for
+    block_curvature).
     """
     after_training: bool = False
     tasks: list[Literal["top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobenius",

@@ -11,7 +11,7 @@ Tasks (``rayexp.config.HESSIAN_TASKS``):
 - ``l11``: Cauchy-sketch ‖H‖₁,₁ (unscaled; also /d as seed 000 reports it), per block, ∞→∞ norm, in the
   native basis and in ``l11_rotation``; optional exact row sample of ``l11_rows`` rows;
 - ``block_curvature``: seed 003's (batches × blocks × 2) [top |eig| of H_bb, ‖g_b‖];
-- ``grad_heterogeneity``: std of log10 ‖g_b‖ over blocks, and the max/min ratio.
+- ``grad_heterogeneity``: std of log10 ‖g_b‖ over the selected blocks, and the max/min ratio.
 """
 from __future__ import annotations
 
@@ -225,8 +225,8 @@ def _run_task(task, engine, cfg, slq_sel, curv_sel, metrics, arrays) -> None:
         corr = np.corrcoef(np.log10(np.abs(arr[..., 0]).ravel() + 1e-30), np.log10(arr[..., 1].ravel() + 1e-30))[0, 1]
         metrics["curvature_gradnorm_logcorr"] = float(corr)
     elif task == "grad_heterogeneity":
-        norms = est.block_grad_norms(engine.grad(), engine.blocks)
-        arrays.update(block_grad_norms=norms, block_grad_names=np.array([b.name for b in engine.blocks]))
+        norms = est.block_grad_norms(engine.grad(), slq_sel)
+        arrays.update(block_grad_norms=norms, block_grad_names=np.array([b.name for b in slq_sel]))
         metrics.update(est.grad_heterogeneity(norms))
 
 
