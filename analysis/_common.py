@@ -27,8 +27,8 @@ from rayexp.config import HessianConfig, SweepSpec  # noqa: E402
 
 SCALES = ("small", "gpt2-124m")
 
-SMALL_TRAIN = {"steps": 200, "batch_size": 16, "eval_every": 50, "eval_batches": 8, "log_every": 25,
-               "schedule": "cosine", "warmup": 20, "clip": 1.0, "log_block_grad_norms": False}
+SMALL_TRAIN = {"steps": 400, "batch_size": 32, "eval_every": 50, "eval_batches": 8, "log_every": 25,
+               "schedule": "cosine", "warmup": 40, "clip": 1.0, "log_block_grad_norms": False}
 GPT2_124M_TRAIN = {"steps": 5000, "batch_size": 12, "grad_accum": 5, "eval_every": 250, "eval_batches": 50,
                    "log_every": 50, "schedule": "cosine", "warmup": 200, "clip": 1.0, "precision": "bf16",
                    "log_block_grad_norms": False}
@@ -177,4 +177,5 @@ def verdict(title: str, rows: list[tuple[str, str, Optional[bool]]], out: Path, 
 def quiet_env() -> None:
     """Fewer threads per trial and no progress noise (2 shared cores)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow").setLevel(logging.WARNING)

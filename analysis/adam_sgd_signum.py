@@ -9,7 +9,7 @@ Figures (rayexp.report): loss curves with seed bands, LR sensitivity, best-confi
 """
 import _common as C
 
-LRS = {"small": {"adamw": [1e-3, 3e-3, 1e-2], "sgd": [0.1, 0.3, 1.0], "signum": [3e-4, 1e-3, 3e-3]},
+LRS = {"small": {"adamw": [1e-3, 3e-3, 1e-2], "sgd": [0.03, 0.1, 0.3, 1.0], "signum": [1e-4, 3e-4, 1e-3, 3e-3]},
        "gpt2-124m": {"adamw": [3e-4, 6e-4, 1.2e-3], "sgd": [0.1, 0.3, 1.0], "signum": [1e-4, 3e-4, 1e-3]}}
 
 

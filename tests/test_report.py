@@ -121,6 +121,21 @@ def test_seed_band_is_mean_plus_minus_sample_std():
 
 
 @pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
+def test_series_labels_name_the_setting_and_skip_options_the_optimizer_ignores():
+    """granularity varies only under adam: sgd's lines carry no granularity; rotation.kind reads rotation=."""
+    def rec(i, **params):
+        return report.RunRecord(f"r{i}", f"r{i}", {k.replace("__", "."): str(v) for k, v in params.items()},
+                                {"rayexp.status": "finished"}, {"final/val_loss": 2.0 + i})
+    runs = [rec(0, optimizer__name="adam", optimizer__granularity="row", optimizer__lr=1e-3, rotation__kind="none"),
+            rec(1, optimizer__name="adam", optimizer__granularity="global", optimizer__lr=1e-3, rotation__kind="none"),
+            rec(2, optimizer__name="sgd", optimizer__granularity="coordinate", optimizer__lr=0.3,
+                rotation__kind="per_tensor")]
+    configs = report.group_configs(runs)
+    assert [c.series for c in configs] == ["adam granularity=row rotation=none",
+                                           "adam granularity=global rotation=none", "sgd rotation=per_tensor"]
+    assert [c.label for c in configs] == ["lr=0.001", "lr=0.001", "lr=0.3"]
+
+
 def test_loss_band_equals_independent_mean_and_std(built, sweep):
     d = built.data["loss_curves"][("val_loss", "adamw")]
     assert list(d["steps"]) == list(STEPS)
