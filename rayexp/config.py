@@ -586,3 +586,13 @@ def load_sweep(path: Union[str, Path, None], overrides: list[str] = ()) -> Sweep
 def load_experiment(path: Union[str, Path, None], overrides: list[str] = ()) -> Experiment:
     """Load a single-run config (no search spaces after overrides)."""
     return load_sweep(path, overrides).experiment()
+
+
+def param_label(param: str, value) -> str:
+    """Short name of one swept setting: ``lr=0.003`` for optimizer.lr, ``rotation=per_tensor`` for
+    rotation.kind, the bare value for optimizer.name and model.kind."""
+    if param in ("optimizer.name", "model.kind"):
+        return str(value)
+    parts = param.split(".")
+    name = parts[-2] if parts[-1] in ("kind", "name") and len(parts) > 1 else parts[-1]
+    return f"{name}={value}"

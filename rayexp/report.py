@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from rayexp.config import ConfigError
+from rayexp.config import ConfigError, param_label
 
 BANDS = ("std", "minmax")
 SKIP_PARAMS = ("seed", "name", "output_dir", "data.cache_dir", "tracking.uri", "tracking.experiment")
@@ -160,7 +160,7 @@ class Config:
     @property
     def label(self) -> str:
         """The varied values that are not part of the series name (e.g. ``lr=0.003``)."""
-        return " ".join(_short(k, v) for k, v in self.values.items() if k not in self.series_params) or "-"
+        return " ".join(param_label(k, v) for k, v in self.values.items() if k not in self.series_params) or "-"
 
     def finals(self) -> np.ndarray:
         return np.array([r.final_val_loss() for r in self.runs])
@@ -190,7 +190,7 @@ def group_configs(runs: Sequence[RunRecord], series: Optional[Sequence[str]] = N
         values = {k: r.params.get(k) for k in varied if _applies(k, r.params)}
         key = tuple(values.items())
         if key not in configs:
-            ser = " ".join(_short(k, r.params.get(k)) for k in series
+            ser = " ".join(param_label(k, r.params.get(k)) for k in series
                            if r.params.get(k) is not None and _applies(k, r.params))
             configs[key] = Config(values, ser or "runs", [], tuple(series))
         configs[key].runs.append(r)
@@ -206,16 +206,6 @@ def _applies(param: str, params: dict) -> bool:
         return True
     sub = param[len("optimizer."):]
     return any(sub == o or sub.startswith(o + ".") for o in family.options)
-
-
-def _short(param: str, value: str) -> str:
-    """``lr=0.003`` for optimizer.lr, ``rotation=per_tensor`` for rotation.kind, the bare value for the
-    optimizer name and model kind."""
-    if param in ("optimizer.name", "model.kind"):
-        return value
-    parts = param.split(".")
-    name = parts[-2] if parts[-1] in ("kind", "name") and len(parts) > 1 else parts[-1]
-    return f"{name}={value}"
 
 
 def best_per_series(configs: Sequence[Config]) -> dict[str, Config]:
@@ -401,7 +391,7 @@ def load_hessian(sweep: SweepRuns, runs: Optional[Sequence[RunRecord]] = None,
 def _run_label(sweep: SweepRuns, r: RunRecord) -> str:
     varied = varied_params(sweep.runs) if len(sweep.runs) > 1 else []
     varied.sort(key=lambda k: all(_is_numeric(x.params.get(k, "")) for x in sweep.runs))  # names first
-    vals = " ".join(_short(k, r.params.get(k)) for k in varied if k in r.params and _applies(k, r.params))
+    vals = " ".join(param_label(k, r.params.get(k)) for k in varied if k in r.params and _applies(k, r.params))
     return f"{vals or r.name} s{r.seed}"
 
 

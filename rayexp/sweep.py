@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from rayexp.config import ConfigError, Experiment, SweepSpec, load_sweep, set_path
+from rayexp.config import ConfigError, Experiment, SweepSpec, load_sweep, param_label, set_path
 
 DEFAULT_SWEEP = Path(__file__).resolve().parent.parent / "sweeps" / "adam_vs_sgd.yaml"
 STATE_FILE = "rayexp_sweep.json"
@@ -48,7 +48,7 @@ class Trial:
 
     def label(self) -> str:
         """Short human name: optimizer and the values of the swept fields."""
-        vals = " ".join(f"{p.split('.')[-1]}={_fmt(v)}" for p, v in self.assignment.items() if p != "optimizer.name")
+        vals = " ".join(param_label(p, _fmt(v)) for p, v in self.assignment.items() if p != "optimizer.name")
         return f"{self.exp.optimizer.name} {vals} seed={self.seed}".replace("  ", " ")
 
 
@@ -470,7 +470,7 @@ def print_summary(rows: list[dict], state: dict) -> None:
     for col in ("optimizer", "best config", "val loss (mean ± std)", "seeds", "steps", "tokens/s", "trials"):
         table.add_column(col)
     for r in rows:
-        cfg = " ".join(f"{k.split('.')[-1]}={v}" for k, v in r["config"].items()) or "-"
+        cfg = " ".join(param_label(k, v) for k, v in r["config"].items()) or "-"
         counts = {s: r["statuses"].count(s) for s in sorted(set(r["statuses"]))}
         loss = f"{r['mean']:.4f} ± {r['std']:.4f}" if math.isfinite(r["mean"]) else "all diverged/failed"
         table.add_row(r["optimizer"], cfg, loss, str(r["n"]), str(r["steps"]),
