@@ -362,7 +362,7 @@ def _init_ray() -> None:
 
 
 def run_sweep(spec: SweepSpec, resume: Optional[str] = None, quiet: bool = False) -> dict:
-    """Run (or resume) a sweep; returns ``{"state": ..., "summary": rows}``."""
+    """Run (or resume) a sweep; returns ``{"state": ..., "summary": rows, "errors": trials that raised}``."""
     from rayexp import tracking
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on a new store
 
@@ -392,11 +392,11 @@ def run_sweep(spec: SweepSpec, resume: Optional[str] = None, quiet: bool = False
           + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""), flush=True)
     _init_ray()
     tuner = _tuner(spec, state, trials, restore=bool(resume))
-    tuner.fit()
+    grid = tuner.fit()
     rows = summarize(state["uri"], state["parent_run_id"], spec)
     if not quiet:
         print_summary(rows, state)
-    return {"state": state, "summary": rows}
+    return {"state": state, "summary": rows, "errors": grid.num_errors}
 
 
 def _find_state(out_root: Path, name: str) -> Path:
@@ -500,7 +500,11 @@ def main(argv=None) -> int:
                 print(f"{t.index + 1:>4}  {t.label()}")
             print(f"{len(trials) or spec.search.num_samples} trials")
             return 0
-        run_sweep(spec, resume=args.resume)
+        res = run_sweep(spec, resume=args.resume)
+        if res["errors"]:  # diverged trials are results; trials that raised are not
+            print(f"error: {res['errors']} trial(s) raised an exception (error logs named above); the others "
+                  f"finished. Fix the cause and finish with --resume {res['state']['run_name']}", file=sys.stderr)
+            return 1
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

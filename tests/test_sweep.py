@@ -111,6 +111,7 @@ def test_sweep_end_to_end_with_a_diverging_trial(in_tmp, ray_local):
     from rayexp.sweep import run_sweep
     spec = load_sweep(_write_sweep(in_tmp))
     out = run_sweep(spec, quiet=True)
+    assert out["errors"] == 0  # a diverged trial is a result, not an error (the CLI exits 0)
     runs = _children(out["state"]["uri"])
     assert len(runs) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {out["state"]["parent_run_id"]}
