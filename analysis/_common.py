@@ -119,10 +119,18 @@ def final_val(runs: list) -> tuple[float, float, int]:
     return float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok)
 
 
-def best_config(runs: list, key: str = "optimizer.lr") -> tuple[str, list]:
-    """The value of ``key`` with the lowest mean final val loss, and its runs."""
+def best_config(runs: list, key: str = "optimizer.lr", what: str = "") -> tuple[str, list]:
+    """The value of ``key`` with the lowest mean final val loss, and its runs. Prints a note when that
+    value is the smallest or largest of a numeric grid of ≥ 3 values (the optimum may lie outside it)."""
     values = sorted({r.data.params.get(key) for r in runs})
     best = min(values, key=lambda v: final_val([r for r in runs if r.data.params.get(key) == v])[0])
+    try:
+        nums = sorted(float(v) for v in values)
+        if len(nums) >= 3 and float(best) in (nums[0], nums[-1]):
+            print(f"note: best {key}={best}{' for ' + what if what else ''} is at the edge of its grid "
+                  f"{nums}: widen it", flush=True)
+    except ValueError:
+        pass
     return best, [r for r in runs if r.data.params.get(key) == best]
 
 

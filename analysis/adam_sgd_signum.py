@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     runs = C.child_runs(uri, parent)
     best = {}
     for opt in ("adamw", "sgd", "signum"):
-        lr, rs = C.best_config(C.pick(runs, optimizer__name=opt))
+        lr, rs = C.best_config(C.pick(runs, optimizer__name=opt), what=opt)
         best[opt] = (lr, *C.final_val(rs))
     C.report(uri, raw["name"], parent, out)
     a, s, g = best["adamw"], best["sgd"], best["signum"]

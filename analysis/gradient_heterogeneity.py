@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     C.quiet_env()
     raw, out, uri = C.setup(args, "claim4_gradient_heterogeneity", [0, 1])
     raw["model"]["kind"] = {"grid": ["gpt2", "cnn"]}
-    lrs = {"small": ([1e-3, 3e-3, 1e-2, 3e-2], [0.1, 0.3, 1.0, 3.0]), "gpt2-124m": ([3e-4, 6e-4], [0.1, 0.3])}[args.scale]
+    lrs = {"small": ([1e-3, 3e-3, 1e-2, 3e-2, 1e-1], [0.1, 0.3, 1.0, 3.0]), "gpt2-124m": ([3e-4, 6e-4], [0.1, 0.3])}[args.scale]
     raw["optimizer"] = {"name": {"grid": ["adamw", "sgd"]}, "weight_decay": 0.0,
                         "adamw": {"lr": {"grid": lrs[0]}}, "sgd": {"lr": {"grid": lrs[1]}, "momentum": 0.9}}
     res = C.run_sweep(raw)
@@ -34,9 +34,9 @@ def main(argv=None) -> int:
     out_rows, stats = {}, {}
     for kind in ("gpt2", "cnn"):
         for opt in ("adamw", "sgd"):
-            lr, rs = C.best_config(C.pick(runs, model__kind=kind, optimizer__name=opt))
+            lr, rs = C.best_config(C.pick(runs, model__kind=kind, optimizer__name=opt), what=f"{kind}/{opt}")
             stats[(kind, opt)] = (lr, *C.final_val(rs))
-        _, best_adam = C.best_config(C.pick(runs, model__kind=kind, optimizer__name="adamw"))
+        best_adam = C.pick(runs, model__kind=kind, optimizer__name="adamw", optimizer__lr=stats[(kind, "adamw")][0])
         r0 = [r for r in best_adam if r.data.params.get("seed") == "0"][0]
         out_rows[kind] = C.hessian(uri, r0, cfg, out)["metrics"]
     C.report(uri, raw["name"], parent, out)

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
     res = C.run_sweep(raw)
     parent = res["state"]["parent_run_id"]
     runs = C.child_runs(uri, parent)
-    best = {g: C.best_config(C.pick(runs, optimizer__name="adam", optimizer__granularity=g)) for g in GRANS}
+    best = {g: C.best_config(C.pick(runs, optimizer__name="adam", optimizer__granularity=g), what=f"adam/{g}")
+            for g in GRANS}
     st = {g: C.final_val(rs) for g, (_, rs) in best.items()}
     sgd_lr, sgd_runs = C.best_config(C.pick(runs, optimizer__name="sgd"))
     sgd = C.final_val(sgd_runs)

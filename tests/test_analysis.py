@@ -22,7 +22,7 @@ def fake_run(status: str, val: float, **params):
                                                 params={k.replace("__", "."): str(v) for k, v in params.items()}))
 
 
-def test_final_val_leaves_out_diverged_runs_and_best_config_picks_the_lowest_mean():
+def test_final_val_leaves_out_diverged_runs_and_best_config_picks_the_lowest_mean(capsys):
     runs = [fake_run("finished", 2.0, optimizer__lr=0.1), fake_run("finished", 2.2, optimizer__lr=0.1),
             fake_run("diverged", 0.5, optimizer__lr=1.0), fake_run("finished", 1.9, optimizer__lr=0.01),
             fake_run("finished", 2.5, optimizer__lr=0.01)]
@@ -32,6 +32,9 @@ def test_final_val_leaves_out_diverged_runs_and_best_config_picks_the_lowest_mea
     lr, chosen = C.best_config(runs)
     assert lr == "0.1" and chosen == runs[:2]  # 2.1 beats 2.2; the diverged lr=1.0 counts as inf
     assert C.pick(runs, optimizer__lr=0.01) == runs[3:]
+    assert "edge" not in capsys.readouterr().out
+    lr, _ = C.best_config(runs[:2] + runs[3:] + [fake_run("finished", 3.0, optimizer__lr=0.001)], what="sgd")
+    assert lr == "0.1" and "best optimizer.lr=0.1 for sgd is at the edge" in capsys.readouterr().out
 
 
 @pytest.mark.slow
