@@ -91,6 +91,8 @@ def run_sweep(raw: dict) -> dict:
             ray.shutdown()
     res["seconds"] = time.perf_counter() - t0
     print(f"sweep {raw['name']}: {res['seconds']:.0f} s, parent run {res['state']['parent_run_id']}", flush=True)
+    if res["errors"]:
+        print(f"warning: {res['errors']} trial(s) raised; their configs count as missing in the verdict", flush=True)
     return res
 
 
