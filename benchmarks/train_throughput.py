@@ -13,7 +13,8 @@ betas (0.9, 0.95), weight decay 1e-2 on ≥2-D tensors, TF32 allowed, one fixed 
 Rows per mode: nanoGPT's model + its fused AdamW + bench.py's step (the anchor, from .anchors/nanogpt);
 rayexp's GPT with torch's fused AdamW and the same step; rayexp's GPT with ``rayexp.optim`` adamw (the
 zoo optimizer); and ``rayexp.train.loop.run_training`` itself (data sampling, grad clipping, grad-norm
-logging, zoo adamw; tokens/s from its own last log window; vocab 50257 from a synthetic BPE).
+logging, zoo adamw; tokens/s from its own last log window; GPT-2 vocab 50257 from a synthetic BPE, padded to
+50304 by model.vocab_multiple as nanoGPT does).
 
 tokens/s = 12·1024·steps / wall time of the timed window (median of ``--windows`` windows of
 ``--steps`` steps after ``--warmup`` steps). MFU = (6N + 12·L·H·Q·T)·tokens/s / peak (nanoGPT's
@@ -306,7 +307,7 @@ def main(argv=None) -> list[dict]:
             specs += [("rayexp GPT, explicit fp32 logits (old)", mk, lambda m: fused_adamw(m, dev), upcast_ce_step),
                       ("rayexp GPT + fused AdamW + loop syncs", mk, lambda m: fused_adamw(m, dev), loop_sync_step),
                       ("rayexp GPT + zoo adamw + loop syncs", mk, zoo_adamw, loop_sync_step)]
-            # run_training's model has GPT-2's real vocab (50257, not padded to 50304 as nanoGPT's)
+            # rows with GPT-2's unpadded vocab (50257): what run_training ran before model.vocab_multiple
             v = 50257 if not args.tiny else 500
             mk57 = lambda: rayexp_model(sz, mode["attention"], dev, vocab=v)  # noqa: E731
             specs += [(f"rayexp GPT vocab {v} + fused AdamW", mk57, lambda m: fused_adamw(m, dev),

@@ -47,6 +47,9 @@ class ModelConfig(_Strict):
     attention: Literal["naive", "sdpa"] = "sdpa"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
+    # GPT embedding/head rows rounded up to a multiple of this (nanoGPT's 50257 → 50304): the padded ids
+    # never occur in the data; an unpadded 50257-wide head costs ~20 ms/step on an H100 (benchmarks/).
+    vocab_multiple: int = Field(64, ge=1)
 
 
 class DataConfig(_Strict):

@@ -72,3 +72,9 @@ def test_sequence_longer_than_block_is_rejected():
     m = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8))
     with pytest.raises(ValueError, match="block_size"):
         m(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_gpt_vocabulary_is_rounded_up_to_model_vocab_multiple():
+    assert gpt_config(ModelConfig(), 50257).vocab_size == 50304  # nanoGPT's padded GPT-2 vocabulary
+    assert gpt_config(ModelConfig(), 256).vocab_size == 256  # bytes: already a multiple
+    assert gpt_config(ModelConfig(vocab_multiple=1), 50257).vocab_size == 50257

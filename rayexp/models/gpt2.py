@@ -37,14 +37,16 @@ class GPTConfig:
 
 
 def gpt_config(model_cfg, vocab_size: int) -> GPTConfig:
-    """GPTConfig from a ``rayexp.config.ModelConfig`` (preset, then explicit sizes override it)."""
+    """GPTConfig from a ``rayexp.config.ModelConfig`` (preset, then explicit sizes override it); the
+    vocabulary is rounded up to ``model.vocab_multiple``."""
     sizes = dict(PRESETS[model_cfg.preset]) if model_cfg.preset else {}
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         if getattr(model_cfg, k) is not None:
             sizes[k] = getattr(model_cfg, k)
     if sizes["n_embd"] % sizes["n_head"]:
         raise ValueError(f"model.n_embd ({sizes['n_embd']}) must be divisible by model.n_head ({sizes['n_head']})")
-    return GPTConfig(vocab_size=vocab_size, dropout=model_cfg.dropout, bias=model_cfg.bias,
+    m = model_cfg.vocab_multiple
+    return GPTConfig(vocab_size=-(-vocab_size // m) * m, dropout=model_cfg.dropout, bias=model_cfg.bias,
                      attention=model_cfg.attention, **sizes)
 
 
