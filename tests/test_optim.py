@@ -265,3 +265,23 @@ def test_list_prints_table(capsys):
     for name in OPTIMIZERS:
         assert name in out
     assert "per_tensor" in out and "eigenbasis" in out and "global" in out
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+@pytest.mark.parametrize("freeze", [None, 3])
+def test_foreach_adam_is_bitwise_the_per_tensor_update(name, freeze):
+    """The native-basis fast path (family.update_many, foreach kernels) against adam_update per tensor."""
+    import dataclasses
+
+    from rayexp.optim.core import ZooOptimizer
+    from rayexp.optim.registry import hyperparameters
+    cfg = OptimizerConfig(name=name, lr=3e-3, weight_decay=0.1, freeze_v_after=freeze)
+    shapes = [(5, 4), (4,), (3, 2, 2), ()]
+    fast_model, slow_model = Params(shapes, 0), Params(shapes, 0)
+    fast = build_optimizer(fast_model, cfg, RotationConfig())
+    defaults, _ = hyperparameters(cfg)
+    per_tensor = dataclasses.replace(OPTIMIZERS[name], update_many=None)
+    slow = ZooOptimizer(param_groups(slow_model, cfg.weight_decay), per_tensor, defaults, RotationConfig())
+    lrs = [3e-3 * (1 - t / 10) for t in range(8)]
+    for a, b in zip(run(fast_model, fast, 8, lrs), run(slow_model, slow, 8, lrs)):
+        assert torch.equal(a, b)

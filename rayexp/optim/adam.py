@@ -25,6 +25,7 @@ Weight decay: ``adam`` couples it (g ← g + wd·θ, as torch.optim.Adam), ``ada
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -94,11 +95,34 @@ def adam_update(g: torch.Tensor, state: dict, hp: dict, ctx: dict) -> torch.Tens
     return (m / bias1) / denom
 
 
+def adam_update_many(gs: list, states: list, hp: dict, ctx: dict) -> Optional[list]:
+    """``adam_update`` for tensors at one step count with coordinate v, in a few foreach kernels (the same
+    float operations, so the same bits); None for the other granularities."""
+    if hp["granularity"] != "coordinate":
+        return None
+    beta1, beta2 = hp["betas"]
+    freeze, step = hp["freeze_v_after"], int(states[0]["step"].item())
+    ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    torch._foreach_lerp_(ms, gs, 1 - beta1)
+    if freeze is None or step <= freeze:
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+    t2 = step if freeze is None else min(step, freeze)
+    bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** t2
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denom, math.sqrt(bias2))
+    torch._foreach_add_(denom, hp["eps"])
+    ds = torch._foreach_div(ms, bias1)
+    torch._foreach_div_(ds, denom)
+    return ds
+
+
 def _state_floats(cfg) -> float:
     return 2.0 if cfg.granularity == "coordinate" else 1.0  # + one v per row/column/tensor/model
 
 
-_COMMON = dict(init=adam_init, update=adam_update, prepare=adam_prepare, state_floats=_state_floats,
+_COMMON = dict(init=adam_init, update=adam_update, update_many=adam_update_many, prepare=adam_prepare,
+               state_floats=_state_floats,
                options=("lr", "betas", "eps", "weight_decay", "granularity", "freeze_v_after"),
                linear_state=("exp_avg",))
 ADAM = Family(name="adam", decoupled_wd=False,

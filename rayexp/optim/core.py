@@ -43,6 +43,9 @@ class Family:
     hypergrad: Optional[Callable] = None  # (opt, items, rgrads) -> ctx, before the rotation refresh
     init_extra: Optional[Callable[[dict], dict]] = None  # optimizer-wide state from the settings
     metrics: Optional[Callable] = None  # (opt) -> dict[str, float]
+    # (gs, states, hp, ctx) -> directions | None: ``update`` over tensors at one step count in foreach
+    # kernels (same bits, fewer launches); used in the native basis, None means "not for these hp"
+    update_many: Optional[Callable] = None
 
 
 @dataclass
@@ -117,6 +120,8 @@ class ZooOptimizer(torch.optim.Optimizer):
             rgrads = rot.rotate(idx, [it.g for it in items], states)
         if fam.prepare:
             ctx.update(fam.prepare(self, items, rgrads))
+        if rot.kind == "none" and fam.update_many is not None:
+            items, rgrads = self._step_many(items, rgrads, ctx)
         directions = []
         for it, g in zip(items, rgrads):
             it.state["step"] += 1
@@ -131,6 +136,28 @@ class ZooOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr_used"] = group["lr"]  # MADA's hypergradient needs the previous step's lr
         return loss
+
+    def _step_many(self, items: list[Item], grads: list, ctx: dict) -> tuple[list[Item], list]:
+        """Step items with ``family.update_many`` per (param group, step count); returns those it left."""
+        buckets: dict = {}
+        for it, g in zip(items, grads):
+            buckets.setdefault((id(it.group), int(it.state["step"].item())), []).append((it, g))
+        rest = []
+        for pairs in buckets.values():
+            its, gs = [it for it, _ in pairs], [g for _, g in pairs]
+            for it in its:
+                it.state["step"] += 1
+            ds = self.family.update_many(gs, [it.state for it in its], its[0].group, ctx)
+            if ds is None:
+                for it in its:
+                    it.state["step"] -= 1
+                rest += pairs
+                continue
+            lr, wd, ps = its[0].group["lr"], its[0].group["weight_decay"], [it.p for it in its]
+            if wd and self.family.decoupled_wd:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, ds, alpha=-lr)
+        return [it for it, _ in rest], [g for _, g in rest]
 
     def _apply(self, it: Item, d: torch.Tensor) -> None:
         lr, wd = it.group["lr"], it.group["weight_decay"]
