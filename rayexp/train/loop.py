@@ -209,7 +209,7 @@ class _Loop:
             g["lr"] = lr
         starts = _step_indices(len(self.data.train), self.block, t.grad_accum * self.world * B, self.exp.seed, step)
         starts = starts.view(t.grad_accum, self.world, B)[:, self.rank]
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: one host sync a step
         for micro in range(t.grad_accum):
             x, y = _windows(self.data.train, starts[micro], self.block, self.device)
             sync = micro == t.grad_accum - 1 or self.world == 1 or self.engine is not None
@@ -220,20 +220,20 @@ class _Loop:
                 self.engine.step()
             else:
                 (loss / t.grad_accum).backward()
-            loss_sum += loss.item() / t.grad_accum
+            loss_sum += loss.detach().double() / t.grad_accum
         if self.world > 1:  # the logged loss is the global mean, identical on every rank
-            buf = torch.tensor([loss_sum], device=self.device)
-            dist.all_reduce(buf)
-            loss_sum = buf.item() / self.world
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.world
         if self.engine is not None:
-            return loss_sum, float(self.engine.get_global_grad_norm() or float("nan"))
+            return loss_sum.item(), float(self.engine.get_global_grad_norm() or float("nan"))
         params = [p for p in self.model.parameters() if p.grad is not None]
         if t.clip:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, t.clip).item()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t.clip)
         else:
-            gnorm = torch.norm(torch.stack([p.grad.norm() for p in params])).item()
+            gnorm = torch.norm(torch.stack([p.grad.norm() for p in params]))
         self.optimizer.step()
-        return loss_sum, gnorm
+        loss_f, gnorm_f = torch.stack([loss_sum, gnorm.to(loss_sum)]).tolist()
+        return loss_f, gnorm_f
 
     def zero_grad(self):
         if self.engine is None:
