@@ -280,6 +280,9 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
                 rep = self.reporters[key]
                 rep.finish(status, {"val_loss": r.get("val_loss", float("nan")), "train_loss": r.get("train_loss", float("nan")),
                                     "step": r["step"], "tokens_per_s": r.get("tokens_per_s", 0.0)})
+                error_file = getattr(trial, "error_file", None) if failed else None
+                if error_file and os.path.isfile(error_file):  # the traceback, next to the run's metrics
+                    rep.client.log_artifact(rep.run_id, error_file)
                 if status != "failed" and trial.checkpoint is not None and trial.checkpoint.filesystem.type_name == "local":
                     from rayexp.tracking import log_checkpoint
                     log_checkpoint(rep.run_id, trial.checkpoint.path, state["uri"])
@@ -292,6 +295,11 @@ def _make_callback(state: dict, spec: SweepSpec, planned: dict):
             self._close(trial, failed=False)
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            key = (trial.config.get("trial") or {}).get("key")
+            if key in planned and key not in self.last:  # raised before its first report: record it too
+                exp = planned[key].exp
+                self._reporter(key, exp)
+                self.last[key] = (exp, {"step": 0, "steps_total": exp.train.steps}, trial)
             self._close(trial, failed=True)
 
         def __getstate__(self):  # restored sweeps re-create MLflow clients lazily
@@ -392,7 +400,13 @@ def run_sweep(spec: SweepSpec, resume: Optional[str] = None, quiet: bool = False
           + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""), flush=True)
     _init_ray()
     tuner = _tuner(spec, state, trials, restore=bool(resume))
-    grid = tuner.fit()
+    tracking.set_run_status(state["uri"], state["parent_run_id"], "RUNNING")
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        tracking.set_run_status(state["uri"], state["parent_run_id"], "KILLED")
+        raise
+    tracking.set_run_status(state["uri"], state["parent_run_id"], "FAILED" if grid.num_errors else "FINISHED")
     rows = summarize(state["uri"], state["parent_run_id"], spec)
     if not quiet:
         print_summary(rows, state)

@@ -99,6 +99,16 @@ def sweep_parent_run(uri: str, experiment: str, sweep_key: str, params: dict | N
     return run.info.run_id
 
 
+def set_run_status(uri: str, run_id: str, status: str) -> None:
+    """MLflow run status: RUNNING while a sweep runs (again after a resume), then FINISHED, FAILED (a trial
+    raised) or KILLED (interrupted)."""
+    client = MlflowClient(uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
+
+
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 90):

@@ -119,6 +119,7 @@ def test_sweep_end_to_end_with_a_diverging_trial(in_tmp, ray_local):
               for r in runs}
     assert status == {("adamw", "0.003"): "finished", ("sgd", "0.1"): "finished", ("sgd", "10000.0"): "diverged"}
     client = MlflowClient(out["state"]["uri"])
+    assert client.get_run(out["state"]["parent_run_id"]).info.status == "FINISHED"
     adam = next(r for r in runs if r.data.params["optimizer.name"] == "adamw")
     assert [m.step for m in client.get_metric_history(adam.info.run_id, "val_loss")] == [0, 15, 30]
     best = {r["optimizer"]: r for r in out["summary"]}
@@ -158,3 +159,33 @@ def test_killed_driver_resumes_without_duplicate_runs(in_tmp):
     for r in runs:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "train_loss")]
         assert len(steps) == len(set(steps)) and max(steps) == 60
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_is_recorded_failed_and_the_cli_exits_1(in_tmp):
+    """block_size 512 on a 225-byte corpus raises inside its trial (after Ray started); block_size 8 trains."""
+    corpus = in_tmp / "tiny.txt"
+    corpus.write_text("hello world, a tiny corpus. " * 8)
+    p = in_tmp / "s.yaml"
+    p.write_text(f"""name: raising
+model: {{preset: gpt2-tiny, block_size: {{grid: [8, 512]}}}}
+data: {{corpus: "text:{corpus}", tokenizer: bytes, cache_dir: {in_tmp}/cache}}
+train: {{steps: 4, eval_every: 2, eval_batches: 1, log_every: 2, warmup: 0, batch_size: 2,
+        log_block_grad_norms: false}}
+optimizer: {{name: adamw, lr: 1.0e-3}}
+seeds: [0]
+output_dir: {in_tmp}/out
+""")
+    proc = _sweep_proc(p)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "1 trial(s) raised" in out and "--resume raising-" in out and "-> failed (error log:" in out
+    uri = f"sqlite:///{in_tmp}/mlflow.db"
+    client = MlflowClient(uri)
+    status = {r.data.params["model.block_size"]: (r.data.tags["rayexp.status"], r.info.status)
+              for r in _children(uri, "raising")}
+    assert status == {"8": ("finished", "FINISHED"), "512": ("failed", "FAILED")}
+    (failed,) = [r for r in _children(uri, "raising") if r.data.params["model.block_size"] == "512"]
+    assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
+    parent = client.get_run(failed.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
