@@ -120,7 +120,6 @@ def test_seed_band_is_mean_plus_minus_sample_std():
         report.seed_band(curves, "sem")
 
 
-@pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
 def test_series_labels_name_the_setting_and_skip_options_the_optimizer_ignores():
     """granularity varies only under adam: sgd's lines carry no granularity; rotation.kind reads rotation=."""
     def rec(i, **params):
@@ -136,6 +135,7 @@ def test_series_labels_name_the_setting_and_skip_options_the_optimizer_ignores()
     assert [c.label for c in configs] == ["lr=0.001", "lr=0.001", "lr=0.3"]
 
 
+@pytest.mark.slow  # shares an 18-run sweep + Hessian results on the mlflow server (about a minute)
 def test_loss_band_equals_independent_mean_and_std(built, sweep):
     d = built.data["loss_curves"][("val_loss", "adamw")]
     assert list(d["steps"]) == list(STEPS)
