@@ -59,6 +59,13 @@ def parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_blocks_option(p: argparse.ArgumentParser) -> None:
+    """``--blocks``: fnmatch patterns of Hessian blocks, parsed to ``HessianConfig.blocks`` (None = all)."""
+    p.add_argument("--blocks", default="*weight*", type=lambda s: None if s == "all" else s.split(","),
+                   help="comma-separated fnmatch patterns of blocks (default: weight tensors, Q/K/V split; "
+                        "'all' for every tensor)")
+
+
 def setup(args, name: str, default_seeds: Sequence[int]) -> tuple[dict, Path, str]:
     """The base raw config, the output directory and the MLflow URI for this invocation."""
     out = Path(args.out or ROOT / "out" / "analysis" / name).resolve()

@@ -28,8 +28,7 @@ def main(argv=None) -> int:
     p = C.parser(__doc__)
     p.add_argument("--probes", type=int, default=2)
     p.add_argument("--lanczos-steps", type=int, default=15)
-    p.add_argument("--blocks", default="*weight*", help="comma-separated fnmatch patterns of blocks "
-                   "(default: weight tensors, Q/K/V split; 'all' for every tensor)")
+    C.add_blocks_option(p)
     args = p.parse_args(argv)
     C.quiet_env()
     raw, out, uri = C.setup(args, "claim3_blockwise_spectra", [0])
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
     runs = C.child_runs(uri, parent)
     cfg = HessianConfig(tasks=["slq", "slq_blocks"], batches=2, batch_size=8 if args.scale == "small" else 4,
                         probes=args.probes, lanczos_steps=args.lanczos_steps, grid_points=20_000, dtype="fp64",
-                        blocks=None if args.blocks == "all" else args.blocks.split(","))
+                        blocks=args.blocks)
     js = {}
     for kind in ("gpt2", "cnn"):
         r = C.pick(runs, model__kind=kind)[0]

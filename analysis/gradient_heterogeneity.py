@@ -17,8 +17,7 @@ from rayexp.config import HessianConfig
 
 def main(argv=None) -> int:
     p = C.parser(__doc__)
-    p.add_argument("--blocks", default="*weight*", help="comma-separated fnmatch patterns of blocks "
-                   "(default: weight tensors, Q/K/V split; 'all' for every tensor)")
+    C.add_blocks_option(p)
     args = p.parse_args(argv)
     C.quiet_env()
     raw, out, uri = C.setup(args, "claim4_gradient_heterogeneity", [0, 1])
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     parent = res["state"]["parent_run_id"]
     runs = C.child_runs(uri, parent)
     cfg = HessianConfig(tasks=["grad_heterogeneity"], batches=4, batch_size=8 if args.scale == "small" else 4,
-                        blocks=None if args.blocks == "all" else args.blocks.split(","))
+                        blocks=args.blocks)
     out_rows, stats = {}, {}
     for kind in ("gpt2", "cnn"):
         for opt in ("adamw", "sgd"):
