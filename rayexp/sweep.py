@@ -400,7 +400,8 @@ def run_sweep(spec: SweepSpec, resume: Optional[str] = None, quiet: bool = False
           + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""), flush=True)
     _init_ray()
     tuner = _tuner(spec, state, trials, restore=bool(resume))
-    tracking.set_run_status(state["uri"], state["parent_run_id"], "RUNNING")
+    if resume:  # a new parent run is created RUNNING; a resumed one was left FAILED or KILLED
+        tracking.set_run_status(state["uri"], state["parent_run_id"], "RUNNING")
     try:
         grid = tuner.fit()
     except BaseException:
