@@ -11,7 +11,7 @@ from rayexp.train.checkpoint import save_checkpoint
 @pytest.fixture
 def checkpoint(in_tmp):
     from rayexp.data import load_tokens
-    from rayexp.train.loop import build_model
+    from rayexp.models import build
 
     exp = validate({"model": {"preset": None, "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8,
                               "attention": "sdpa"},
@@ -20,7 +20,7 @@ def checkpoint(in_tmp):
     vocab = load_tokens(exp.data, 8).vocab_size
     torch.manual_seed(0)
     path = str(in_tmp / "ckpt")
-    save_checkpoint(path, build_model(exp, vocab), None, 0, exp, {"vocab_size": vocab})
+    save_checkpoint(path, build(exp.model, vocab), None, 0, exp, {"vocab_size": vocab})
     return path
 
 

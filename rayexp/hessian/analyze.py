@@ -306,9 +306,9 @@ def fixed_batches(exp, hessian_cfg: HessianConfig, data=None) -> list[tuple[torc
     from ``exp``'s corpus with a generator keyed by ``hessian.seed``: the same fixed batches every time."""
     from rayexp.data import load_tokens, sample_batch
     from rayexp.hessian.probes import generator
-    from rayexp.train.loop import block_size_of
+    from rayexp.models import block_size
 
-    block = block_size_of(exp)
+    block = block_size(exp.model)
     data = data if data is not None else load_tokens(exp.data, block)
     g = generator(hessian_cfg.seed, "batches", 0)
     bs = hessian_cfg.batch_size or exp.train.batch_size

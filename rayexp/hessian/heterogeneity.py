@@ -43,10 +43,10 @@ def measure(kind: str, steps: int, probes: int, lanczos_steps: int, workdir: str
         model, exp2, _ = load_model(res.checkpoint_dir, attention="naive", dropout=0.0)
     else:  # --steps 0: the model at initialization (JS₀ of the paper is measured there)
         from rayexp.data import load_tokens
-        from rayexp.train.loop import build_model
+        from rayexp.models import build
         import torch
         torch.manual_seed(exp.seed)
-        model, exp2 = build_model(exp, load_tokens(exp.data, 64).vocab_size), exp
+        model, exp2 = build(exp.model, load_tokens(exp.data, 64).vocab_size), exp
     train_s = time.perf_counter() - t0
     op = HVP(model, fixed_batches(exp2, exp2.hessian), dtype="fp64")
     t0 = time.perf_counter()

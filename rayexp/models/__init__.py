@@ -1,3 +1,26 @@
-"""Models: GPT-2 (gpt2.py) and small CNN/MLP baselines (cnn.py). No Ray, no MLflow here."""
+"""Models: GPT-2 (gpt2.py) and small CNN/MLP baselines (cnn.py). No Ray, no MLflow here.
+
+``build(model_cfg, vocab_size)`` is the one way to make the model a config describes, and
+``block_size(model_cfg)`` the sequence length it trains on.
+"""
+from rayexp.config import ConfigError, ModelConfig
 from rayexp.models.gpt2 import GPT, GPTConfig, PRESETS, gpt_config  # noqa: F401
 from rayexp.models.cnn import ConvConfig, TokenCNN, TokenMLP  # noqa: F401
+
+
+def build(model_cfg: ModelConfig, vocab_size: int):
+    """The model ``model_cfg`` describes (GPT-2 or a baseline from ``rayexp.models.cnn``), randomly initialized."""
+    if model_cfg.kind == "gpt2":
+        try:
+            return GPT(gpt_config(model_cfg, vocab_size))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    from rayexp.models import cnn
+    return cnn.build(model_cfg, vocab_size)
+
+
+def block_size(model_cfg: ModelConfig) -> int:
+    """Sequence length the model trains on: ``model.block_size``, else its preset's."""
+    if model_cfg.block_size is not None:
+        return model_cfg.block_size
+    return PRESETS[model_cfg.preset or "gpt2-tiny"]["block_size"]

@@ -75,13 +75,13 @@ def load_model(path, **model_overrides) -> tuple[nn.Module, Experiment, int]:
     e.g. ``load_model(p, attention="naive", dropout=0.0)`` for Hessian work.
     Returns ``(model, experiment, vocab_size)``.
     """
-    from rayexp.train.loop import build_model
+    from rayexp.models import build
 
     exp = load_experiment(path)
     if model_overrides:
         model_cfg = type(exp.model).model_validate({**exp.model.model_dump(), **model_overrides})
         exp = exp.model_copy(update={"model": model_cfg})
     vocab_size = int(load_state(path)["vocab_size"])
-    model = build_model(exp, vocab_size)
+    model = build(exp.model, vocab_size)
     model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
     return model, exp, vocab_size

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rayexp.config import ConfigError, Experiment
+from rayexp.models import block_size, build
 from rayexp.train.checkpoint import load_state, save_checkpoint, unwrap
 
 EVAL_SEED = 1_234_567
@@ -45,26 +46,6 @@ class TrainResult:
     tokens_per_s: float
     history: list = field(default_factory=list)
     checkpoint_dir: Optional[str] = None
-
-
-def build_model(exp: Experiment, vocab_size: int) -> nn.Module:
-    """The model ``exp.model`` describes (GPT-2 or a baseline from ``rayexp.models.cnn``)."""
-    if exp.model.kind == "gpt2":
-        from rayexp.models.gpt2 import GPT, gpt_config
-        try:
-            return GPT(gpt_config(exp.model, vocab_size))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    from rayexp.models import cnn
-    return cnn.build(exp.model, vocab_size)
-
-
-def block_size_of(exp: Experiment) -> int:
-    """Sequence length the model trains on."""
-    from rayexp.models.gpt2 import PRESETS
-    if exp.model.block_size is not None:
-        return exp.model.block_size
-    return PRESETS[exp.model.preset or "gpt2-tiny"]["block_size"]
 
 
 def lr_at(step: int, exp: Experiment) -> float:
@@ -110,7 +91,7 @@ def _windows(tokens: np.ndarray, starts: torch.Tensor, block: int, device) -> tu
 def evaluate(model: nn.Module, val: np.ndarray, exp: Experiment, device, autocast) -> float:
     """Mean loss over ``eval_batches`` fixed global validation batches (``world × batch_size``
     windows each, split across ranks like training batches; the same windows for any world size)."""
-    block, bs = block_size_of(exp), exp.train.batch_size
+    block, bs = block_size(exp.model), exp.train.batch_size
     rank, world = _world()
     starts = _step_indices(len(val), block, exp.train.eval_batches * world * bs, EVAL_SEED, 0)
     was_training = model.training
@@ -132,7 +113,7 @@ def _block_grad_norms(model: nn.Module) -> dict:
 
 
 def _check_data_fits(data, exp: Experiment) -> None:
-    block, bs = block_size_of(exp), exp.train.batch_size
+    block, bs = block_size(exp.model), exp.train.batch_size
     if len(data.train) <= block + 1 or len(data.val) <= block + 1:
         raise ConfigError(f"data.corpus {data.corpus!r} has {len(data.train)} train / {len(data.val)} val tokens, "
                           f"too few for model.block_size={block}")
@@ -157,9 +138,9 @@ def run_training(exp: Experiment, reporter: Optional[Reporter] = None, resume_fr
     rank, world = _world()
     device = _device(exp)
     torch.manual_seed(exp.seed)
-    data = load_tokens(exp.data, block_size_of(exp))
+    data = load_tokens(exp.data, block_size(exp.model))
     _check_data_fits(data, exp)
-    model = build_model(exp, data.vocab_size).to(device)
+    model = build(exp.model, data.vocab_size).to(device)
     optimizer = build_optimizer(model, exp.optimizer, exp.rotation)
     state = {"step": 0, "history": [], "init_loss": None, "tokens": 0}
     if resume_from:
@@ -194,7 +175,7 @@ class _Loop:
         self.rank, self.world, self.workdir, self.reporter = rank, world, workdir, reporter
         self.step, self.history = state["step"], state["history"]
         self.init_loss, self.tokens = state["init_loss"], state["tokens"]
-        self.block = block_size_of(exp)
+        self.block = block_size(exp.model)
         self.tokens_per_step = self.t.batch_size * self.t.grad_accum * world * self.block
         self.last_ckpt: Optional[str] = None
         self.val_loss = next((h["val_loss"] for h in reversed(self.history) if "val_loss" in h), float("nan"))
