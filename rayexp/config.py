@@ -229,33 +229,54 @@ class TrackingConfig(_Strict):
     experiment: Optional[str] = None  # None: the experiment's name
 
 
-class HessianConfig(_Strict):
-    """Curvature analysis (rayexp.hessian; ALGORITHMS.md "Curvature"): tasks, fixed batches, estimator sizes.
+HESSIAN_MODES = ("auto", "cached", "double_backward", "fwd_rev", "fd")
+HESSIAN_DTYPES = ("fp32", "tf32", "fp64")
+HESSIAN_SHARDS = ("data", "params")
+REORTH_MODES = ("none", "full", "selective")
+LANCZOS_TASKS = ("top_eigs", "slq", "slq_blocks", "block_curvature")
+REORTH_DEFAULTS = {"top_eigs": "full", "slq": "none", "slq_blocks": "none", "block_curvature": "full"}
 
-    ``probes``/``lanczos_steps``: SLQ probes n_v and Lanczos steps m (also top-eigenvalue steps);
-    ``hutchinson_probes``: Rademacher probes for trace/diag/frobenius; ``cauchy_vectors``: k of the 1-1 norm;
-    ``l11_rows``: size of the exact uniform row sample checking it (0: none); ``l11_rotation``: also
-    estimate ‖RHRᵀ‖₁,₁ in this rotated basis; ``blocks``: fnmatch patterns selecting blocks for
-    slq_blocks/grad_heterogeneity/block_curvature (None: all for the first two, weights for
-    block_curvature).
+
+class HessianConfig(_Strict):
+    """Curvature analysis (rayexp.hessian; docs/methods.md "Curvature"): tasks, fixed batches, estimator
+    sizes, precision, memory budget and sharding over Ray actors.
+
+    ``top_eigs_steps`` / ``slq_steps``: Lanczos steps of the top eigenvalues and of each SLQ probe (``probes``
+    of them); ``which``: largest, smallest or both ends of the spectrum; ``reorth``: ``none | full |
+    selective``, one mode for every Lanczos task or a mapping task → mode (defaults: full for top_eigs and
+    block_curvature, the seed's three-term recurrence for SLQ); ``hutchinson_probes``: Rademacher probes for
+    trace/diag/frobenius; ``cauchy_vectors``: k of the 1-1 norm (seed 000: 50); ``l11_rows``: size of an
+    exact uniform row sample checking it; ``l11_rotation``: also ‖RHRᵀ‖₁,₁ in this rotated basis;
+    ``blocks``: fnmatch patterns selecting blocks for slq_blocks / grad_heterogeneity / block_curvature;
+    ``reduce``: ``mean`` (the mean loss's Hessian) or ``sum`` (seed 001: n_batches × it);
+    ``memory_gib``: the budget per device (default: what the device has free); ``shard``: with ``actors`` > 1,
+    ``data`` (each actor holds the model and a share of the batches) or ``params`` (each holds 1/N of the
+    parameters and of every vector); ``cpus_per_actor`` / ``gpus_per_actor``: Ray resources per actor
+    (default: an equal share of what the cluster has, at most 1).
     """
     after_training: bool = False
-    tasks: list[Literal["top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobenius",
-                        "block_curvature", "grad_heterogeneity"]] = Field(default_factory=lambda: ["top_eigs"])
+    tasks: list[Literal[HESSIAN_TASKS]] = Field(default_factory=lambda: ["top_eigs"])  # type: ignore[valid-type]
     batches: int = Field(4, ge=1)
     batch_size: Optional[int] = Field(None, ge=1)
+    reduce: Literal["mean", "sum"] = "mean"
     actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
-    mode: Literal["fwd_rev", "double_backward"] = "fwd_rev"
-    dtype: Literal["fp32", "fp64"] = "fp32"
+    shard: Literal[HESSIAN_SHARDS] = "data"  # type: ignore[valid-type]
+    cpus_per_actor: Optional[float] = Field(None, gt=0.0)
+    gpus_per_actor: Optional[float] = Field(None, ge=0.0)
+    mode: Literal[HESSIAN_MODES] = "auto"  # type: ignore[valid-type]
+    dtype: Literal[HESSIAN_DTYPES] = "fp32"  # type: ignore[valid-type]
+    attention: Literal["naive", "sdpa"] = "naive"
+    memory_gib: Optional[float] = Field(None, gt=0.0)
     top_k: int = Field(5, ge=1)
-    lanczos_steps: int = Field(30, ge=2)
-    reorth: bool = True
+    which: Literal["largest", "smallest", "both"] = "largest"
+    top_eigs_steps: int = Field(30, ge=2)
+    slq_steps: int = Field(100, ge=2)
+    reorth: dict[str, Literal[REORTH_MODES]] = Field(default_factory=lambda: dict(REORTH_DEFAULTS))  # type: ignore[valid-type]
     probes: int = Field(10, ge=1)
     slq_sigma2: float = Field(1e-5, gt=0.0)
     grid_points: int = Field(50_000, ge=100)
     hutchinson_probes: int = Field(100, ge=2)
-    cauchy_vectors: int = Field(100, ge=2)
+    cauchy_vectors: int = Field(50, ge=2)
     l11_estimator: Literal["median", "iqr"] = "median"
     l11_rotation: Literal["none", "per_tensor", "global"] = "per_tensor"
     l11_rows: int = Field(0, ge=0)
@@ -263,6 +284,19 @@ class HessianConfig(_Strict):
     blocks: Optional[list[str]] = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+
+    @field_validator("reorth", mode="before")
+    @classmethod
+    def _reorth(cls, v: Any) -> Any:
+        """``reorth: full`` sets every Lanczos task; a mapping sets the tasks it names."""
+        if isinstance(v, str):
+            return {t: v for t in LANCZOS_TASKS}
+        if isinstance(v, dict):
+            bad = [k for k in v if k not in LANCZOS_TASKS]
+            if bad:
+                raise ValueError(f"reorth.{bad[0]}: not a Lanczos task; allowed: {', '.join(LANCZOS_TASKS)}")
+            return {**REORTH_DEFAULTS, **v}
+        return v
 
 
 class Experiment(_Strict):

@@ -1,16 +1,17 @@
 """JAX port of GPT-2 / TokenMLP / TokenCNN vs torch: logits, loss, gradient, HVP (torch.func and dense Hessian),
 Lanczos on the JAX operator vs on the torch one."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+
+jax = pytest.importorskip("jax")  # the [jax] extra
+import jax.numpy as jnp  # noqa: E402
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp
 
-from rayexp.hessian import HVP, top_eigs
+from rayexp.hessian import HVP, Operator, top_eigs
 from rayexp.hessian.jax_backend import arch, forward, jax_grad_fn, jax_hvp_fn, loss_fn, params_from_torch, x64
-from rayexp.hessian.lanczos import numpy_matvec
+from rayexp.hessian.operator import FunctionOperator
 from rayexp.models import GPT, ConvConfig, GPTConfig, TokenCNN, TokenMLP
 
 V = 16
@@ -143,12 +144,12 @@ def test_hvp_matches_dense_hessian(gpt_case):
 
 
 def test_lanczos_on_jax_operator_matches_torch_operator(gpt_case):
-    """The hessian package's Lanczos (same start vector) on the JAX operator, through ``numpy_matvec``, and
+    """The hessian package's Lanczos (same start vector) on the JAX operator, through ``FunctionOperator.numpy``, and
     on the torch ``HVP``: equal top Ritz values, both equal to eigvalsh of the dense Hessian."""
     model, batches, H = gpt_case
     exact = np.linalg.eigvalsh(H)[::-1][:2]
-    jax_top = top_eigs(numpy_matvec(jax_hvp_fn(model, batches)), H.shape[0], k=2, steps=20)
-    torch_top = top_eigs(HVP(model, batches, dtype="fp64"), H.shape[0], k=2, steps=20)
+    jax_top = top_eigs(FunctionOperator.numpy(jax_hvp_fn(model, batches), H.shape[0]), k=2, steps=20)
+    torch_top = top_eigs(Operator(HVP(model, batches, dtype="fp64")), k=2, steps=20)
     assert np.abs(jax_top - torch_top).max() < 1e-10 * abs(exact[0])
     assert np.abs(jax_top - exact).max() < 1e-8 * abs(exact[0])
 

@@ -1,29 +1,32 @@
-"""``python -m rayexp.hessian --checkpoint DIR | --run RUN_ID --tasks top_eigs,slq_blocks,l11 [--actors N]``
+"""``python -m rayexp.hessian --checkpoint DIR | --run RUN_ID --tasks top_eigs,slq_blocks,l11 [--actors N] [key=value ...]``
 
-Loads the checkpoint (attention forced to ``naive``, dropout to 0), draws ``hessian.batches`` fixed
-batches from its experiment's corpus, runs the tasks (progress bar with HVP count and ETA), writes
-``hessian.npz`` and PNG plots to ``--out`` (default ``<checkpoint>/hessian``), prints a table, and with
-``--run`` logs the metrics and files to that MLflow run. Extra ``key=value`` arguments set fields of the
-``hessian`` config section (e.g. ``probes=20 dtype=fp64``). Errors print one line and exit 2.
+Loads the checkpoint (dropout off; ``attention=naive`` unless ``attention=sdpa``, whose products run on the
+exact math kernel), draws ``hessian.batches`` fixed batches from its experiment's corpus, prints the memory
+plan, runs the tasks (progress: a bar on a terminal, plain lines in a log), writes ``hessian.npz`` and PNG
+plots to ``--out`` (default ``<checkpoint>/hessian``), prints a table, and with ``--run`` logs the metrics
+and files to that MLflow run. ``key=value`` arguments, anywhere on the line, set fields of the ``hessian``
+section (e.g. ``probes=20 dtype=fp64 shard=params memory_gib=40``). Errors print one line and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from rayexp.config import HESSIAN_TASKS, ConfigError, HessianConfig, parse_override
+from rayexp.config import ConfigError, HessianConfig, parse_override
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rayexp.hessian", description=__doc__.splitlines()[2].strip())
+    from rayexp.hessian.tasks import task_help
+    p = argparse.ArgumentParser(prog="python -m rayexp.hessian", description=__doc__.split("\n\n")[1],
+                                epilog="tasks:\n" + task_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory (model.pt + config.yaml)")
     src.add_argument("--run", help="MLflow run id whose checkpoint/ artifact to analyze (results logged back)")
-    p.add_argument("--tasks", default=None, help=f"comma-separated, from: {', '.join(HESSIAN_TASKS)}")
-    p.add_argument("--actors", type=int, default=None, help="Ray actors (1: in-process)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (below); default: the checkpoint's hessian.tasks")
+    p.add_argument("--actors", type=int, default=None, help="Ray actors (1: in this process); see shard=data|params")
     p.add_argument("--out", default=None, help="output directory (default <checkpoint>/hessian)")
     p.add_argument("--uri", default=None, help="MLflow tracking URI (default: the local store)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     p.add_argument("overrides", nargs="*", help="hessian fields as key=value (e.g. probes=20 dtype=fp64)")
     return p
 
@@ -31,29 +34,30 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args, base: HessianConfig) -> HessianConfig:
     raw = base.model_dump()
     if args.tasks is not None:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        bad = [t for t in tasks if t not in HESSIAN_TASKS]
-        if bad or not tasks:
-            raise ConfigError(f"--tasks: unknown task {bad[0] if bad else args.tasks!r}; allowed: {', '.join(HESSIAN_TASKS)}")
-        raw["tasks"] = tasks
+        raw["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.actors is not None:
         raw["actors"] = args.actors
     for text in args.overrides:
         key, value = parse_override(text)
         key = key.removeprefix("hessian.")
-        if key not in HessianConfig.model_fields:
+        top, _, sub = key.partition(".")
+        if top not in HessianConfig.model_fields:
             raise ConfigError(f"hessian.{key}: unknown field; allowed: {', '.join(HessianConfig.model_fields)}")
-        raw[key] = value
+        raw[top] = {**raw[top], sub: value} if sub else value
     try:
         return HessianConfig.model_validate(raw)
-    except Exception as e:  # pydantic ValidationError → one line
+    except Exception as e:  # pydantic ValidationError → one line naming the field and the allowed values
         err = e.errors()[0] if hasattr(e, "errors") else None
         where = ".".join(str(x) for x in err["loc"]) if err else ""
+        if where.startswith("tasks"):
+            from rayexp.hessian.tasks import TASKS
+            raise ConfigError(f"--tasks: unknown task {err['input']!r}; allowed: {', '.join(TASKS)}") from None
         raise ConfigError(f"hessian.{where}: {err['msg'] if err else e}") from None
 
 
 def _run(args) -> int:
-    from rayexp.hessian.analyze import analyze_checkpoint, format_table
+    from rayexp.hessian.analyze import analyze_checkpoint
+    from rayexp.hessian.io import format_table
     from rayexp.train.checkpoint import load_experiment
 
     path = args.checkpoint
@@ -64,28 +68,19 @@ def _run(args) -> int:
         except Exception as e:
             raise ConfigError(f"--run {args.run}: no checkpoint artifact could be fetched ({type(e).__name__})") from None
     cfg = _config(args, load_experiment(path).hessian)
-    started_ray = False
-    if cfg.actors > 1:
-        import ray
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
-            started_ray = True
-    try:
-        results, files = analyze_checkpoint(path, cfg, run_id=args.run, uri=args.uri, out_dir=args.out,
-                                            progress=not args.no_progress)
-    finally:
-        if started_ray:
-            import ray
-            ray.shutdown()
+    results, files = analyze_checkpoint(path, cfg, out_dir=args.out, progress=not args.no_progress,
+                                        echo=lambda text: print(text, flush=True))
     print(format_table(results))
     print("files: " + ", ".join(files))
     if args.run:
+        from rayexp.tracking import log_hessian_results
+        log_hessian_results(args.run, args.uri, results["metrics"], files)
         print(f"logged to MLflow run {args.run}")
     return 0
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         return _run(args)
     except (ConfigError, ValueError) as e:

@@ -1,303 +1,233 @@
-"""``analyze(model, batches, hessian_cfg)``: run the configured curvature tasks, locally or on Ray actors.
+"""``analyze(model, batches, cfg, loss_fn)``: plan memory, then run the configured curvature tasks
+(``rayexp.hessian.tasks``), in this process or SPMD on Ray actors (``rayexp.hessian.distributed``).
 
-Returns ``{"metrics": {name: float}, "arrays": {name: ndarray}, "hvps": int, "seconds": float}``;
-``save_results`` writes them as ``hessian.npz`` plus density / scatter PNGs, ``format_table`` prints them.
-Tasks (``rayexp.config.HESSIAN_TASKS``):
+Returns ``{"metrics": {name: float}, "arrays": {name: ndarray}, "hvps": int, "seconds": float, "plan": str}``.
+No MLflow here: ``analyze_checkpoint`` hands files to a ``log`` callback when asked.
 
-- ``top_eigs``: Lanczos from the normalized mean gradient (seed 000), top_k Ritz values and max |λ|;
-- ``slq``: full SLQ density; metrics ``slq_moment1`` (≈ tr H / d), ``slq_moment2`` (≈ tr H² / d);
-- ``slq_blocks``: blockwise densities, JS-distance matrix, ``js_heterogeneity`` (JS₀);
-- ``trace``/``diag``/``frobenius``: Hutchinson with ``hutchinson_probes`` Rademacher probes (shared HVPs);
-- ``l11``: Cauchy-sketch ‖H‖₁,₁ (unscaled; also /d as seed 000 reports it), per block, ∞→∞ norm, in the
-  native basis and in ``l11_rotation``; optional exact row sample of ``l11_rows`` rows;
-- ``block_curvature``: seed 003's (batches × blocks × 2) [top |eig| of H_bb, ‖g_b‖];
-- ``grad_heterogeneity``: std of log10 ‖g_b‖ over the selected blocks, and the max/min ratio.
+The memory plan (docs/methods.md "Memory plan"): every task keeps a known number of d-vectors
+(``Task.vectors``: Lanczos vectors, a basis, Hutchinson sums, the 1-1 norm's per-row samples); one
+product's working set (activations, a cached first-order graph) is measured on the first product. A basis
+or the per-row samples that do not fit the device budget (``hessian.memory_gib``, default what the device
+has free) move to the host; a plan that still cannot fit fails with one line naming the setting to change.
 """
 from __future__ import annotations
 
-import fnmatch
-import sys
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
-from rayexp.config import HESSIAN_TASKS, ConfigError, HessianConfig
+from rayexp.config import ConfigError, HessianConfig
 from rayexp.hessian import estimators as est
-from rayexp.hessian.hvp import HVP, Block, check_model
-from rayexp.hessian.lanczos import lanczos
-from rayexp.hessian.slq import block_densities, slq, slq_blocks
+from rayexp.hessian.hvp import HVP, check_model
+from rayexp.hessian.io import Progress, save_results
+from rayexp.hessian.operator import Comm, Operator
+from rayexp.hessian.tasks import TASKS, Context, select_blocks
+
+GIB = 2 ** 30
+VMAP_CHUNK_MAX = 64  # vectors per vmapped product (fwd_rev)
+LOOP_CHUNK_MAX = 8  # vectors per product call in modes that loop over them anyway
 
 
-class _Local:
-    """The single-process engine, with the same estimator calls as ``ShardedHessian``."""
-
-    def __init__(self, op: HVP):
-        self.op, self.d, self.blocks, self.device = op, op.d, op.blocks, op.device
-
-    @property
-    def count(self) -> int:
-        return self.op.count
-
-    def __call__(self, v):
-        return self.op(v)
-
-    def grad(self):
-        return self.op.grad()
-
-    def slq(self, probes, steps, seed=0, reorth=True):
-        return slq(self.op, self.d, probes, steps, seed, reorth=reorth)
-
-    def slq_blocks(self, blocks, probes, steps, seed=0, reorth=True):
-        return slq_blocks(self.op, blocks, probes, steps, seed, reorth=reorth)
-
-    def rademacher(self, probes, seed=0, diag=True):
-        return est.rademacher_samples(self.op, self.d, range(probes), seed, diag=diag)
-
-    def l11_cauchy(self, k, seed=0, method="median", rotation=None):
-        mv = est.rotated(self.op, *rotation) if rotation else self.op
-        return est.row_scales(est.cauchy_rows(mv, self.d, range(k), slice(0, self.d), seed), method)
-
-    def exact_rows(self, rows):
-        return est.l11_exact_rows(self.op, self.d, rows)
-
-    def block_curvature(self, blocks, steps, seed=0):
-        return est.block_curvature(self.op, blocks, steps, seed)
-
-    def shutdown(self):
-        pass
-
-
-def select_blocks(blocks: Sequence[Block], patterns: Optional[list[str]], default=None) -> list[Block]:
-    """Blocks whose names match any fnmatch pattern (None: ``default(blocks)`` or all)."""
-    if not patterns:
-        return list(default(blocks) if default else blocks)
-    chosen = [b for b in blocks if any(fnmatch.fnmatch(b.name, p) for p in patterns)]
-    if not chosen:
-        raise ConfigError(f"hessian.blocks={patterns} matches no block; blocks are e.g. "
-                          f"{', '.join(b.name for b in blocks[:6])}, ...")
-    return chosen
-
-
-def _device(cfg: HessianConfig) -> str:
+def device_of(cfg: HessianConfig) -> torch.device:
+    """The device ``hessian.device`` names (auto: CUDA when visible)."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hessian.device=cuda but no CUDA device is visible; allowed here: auto, cpu")
-    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
-def planned_hvps(cfg: HessianConfig, n_blocks: int, n_curv: int, n_batches: int) -> int:
-    """Rough number of full HVPs the tasks need (for the progress bar's ETA)."""
-    per = {"top_eigs": cfg.lanczos_steps, "slq": cfg.probes * cfg.lanczos_steps,
-           "slq_blocks": n_blocks * cfg.probes * cfg.lanczos_steps,
-           "block_curvature": n_batches * n_curv * cfg.curvature_steps,
-           "l11": cfg.cauchy_vectors * (2 if cfg.l11_rotation != "none" else 1) + cfg.l11_rows}
-    total = sum(per.get(t, 0) for t in cfg.tasks)
-    if {"trace", "diag", "frobenius"} & set(cfg.tasks):
-        total += cfg.hutchinson_probes
-    return max(total, 1)
+def product_mode(cfg: HessianConfig, sharded_params: bool, device: torch.device, own_loss: bool) -> str:
+    """``auto`` → ``cached`` on a GPU (the fastest product of one vector); on the CPU, or with sharded
+    parameters (which ``cached`` cannot gather), ``fwd_rev`` for the token cross-entropy (vmapped over the
+    lockstep runs of small models) and ``double_backward`` for a user's loss (forward-mode AD is missing
+    for some losses, e.g. ``F.mse_loss`` in torch 2.13)."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    if device.type == "cuda" and not sharded_params:
+        return "cached"
+    return "double_backward" if own_loss else "fwd_rev"
 
 
-class _Progress:
-    """A rich progress bar (HVPs done / planned, ETA) polling ``engine.count`` from a thread."""
-
-    def __init__(self, engine, total: int, enabled: bool):
-        self.engine, self.total, self.enabled = engine, total, enabled
-        self.stop = threading.Event()
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("HVPs"), TimeRemainingColumn(), console=Console(file=sys.stderr))
-            self.task = self.bar.add_task("hessian", total=self.total)
-            self.bar.start()
-            self.thread = threading.Thread(target=self._poll, daemon=True)
-            self.thread.start()
-        return self
-
-    def describe(self, text: str) -> None:
-        if self.enabled:
-            self.bar.update(self.task, description=text)
-
-    def _poll(self):
-        while not self.stop.wait(0.5):
-            try:
-                done = self.engine.count
-            except Exception:  # an engine shutting down
-                return
-            self.bar.update(self.task, completed=done, total=max(self.total, done))
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.enabled:
-            self.thread.join(timeout=5)
-            try:
-                self.bar.update(self.task, completed=self.engine.count)
-            except Exception:
-                pass
-            self.bar.stop()
+def build_operator(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, comm: Optional[Comm] = None,
+                   n_batches: Optional[int] = None, batch_ids: Optional[Sequence[int]] = None,
+                   theta_fn=None, device=None) -> Operator:
+    """The operator of ``cfg`` over ``batches`` (a data shard when ``comm`` is a group)."""
+    device = device or device_of(cfg)
+    sharded = comm is not None and comm.shard == "params"
+    mode = product_mode(cfg, sharded, device, loss_fn is not None)
+    products = HVP(model, batches, loss_fn, mode, cfg.dtype, device, theta_fn=theta_fn)
+    if batch_ids is not None:
+        products.batch_ids = list(batch_ids)
+    return Operator(products, comm, n_batches, cfg.reduce)
 
 
-def analyze(model: torch.nn.Module, batches: Sequence, hessian_cfg: HessianConfig, progress: bool = True) -> dict:
-    """Run ``hessian_cfg.tasks`` on the mean loss over ``batches`` and return metrics and arrays."""
+# -- memory plan ------------------------------------------------------------------------------------
+def budget_bytes(cfg: HessianConfig, device: torch.device) -> float:
+    """The device budget: ``hessian.memory_gib``, else free device memory plus what torch holds already."""
+    if cfg.memory_gib:
+        return cfg.memory_gib * GIB
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_allocated(device)
+    return host_available()
+
+
+def host_available() -> float:
+    """Available host memory (MemAvailable), or +inf where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _used(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0.0
+
+
+def first_product(op: Operator) -> tuple[float, float]:
+    """Seconds and extra peak bytes of one product (a cached graph is built first and counted)."""
+    dev = op.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = _used(dev)
+    t0 = time.perf_counter()
+    if op.products.mode == "cached" and op.products.graphs is None:
+        op.products.build_graphs()
+    v = torch.ones(op.span.stop - op.span.start, dtype=torch.float64, device=dev)
+    op.matvec(v)
+    op.count -= 1  # a probe of the plan, not a task's product
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(dev) - base
+    return time.perf_counter() - t0, 0.0
+
+
+@dataclass
+class Plan:
+    """Chunks, basis and sample placement per task, and what the plan expects."""
+    hvps: dict = field(default_factory=dict)
+    state_gib: dict = field(default_factory=dict)
+    chunk: dict = field(default_factory=dict)
+    basis_device: dict = field(default_factory=dict)
+    store: Optional[torch.device] = None
+    product_s: float = 0.0
+    product_gib: float = 0.0
+    budget_gib: float = 0.0
+    mode: str = ""
+
+    def text(self) -> str:
+        """The plan as printed before the tasks run."""
+        lines = [f"plan: {sum(self.hvps.values())} Hessian-vector products ({self.mode} products, "
+                 f"{self.product_s:.3g} s each → about {_duration(sum(self.hvps.values()) * self.product_s)}), "
+                 f"one product {self.product_gib:.2f} GiB, budget {self.budget_gib:.1f} GiB"]
+        for t in self.hvps:
+            where = [f"basis on {self.basis_device[t]}" for _ in [0] if self.basis_device.get(t)]
+            where += [f"samples on {self.store}" for _ in [0] if t == "l11" and self.store is not None]
+            lines.append(f"  {t:<19} {self.hvps[t]:>7} HVPs  {self.state_gib[t]:8.3f} GiB kept"
+                         + (f"  ({', '.join(where)})" if where else ""))
+        return "\n".join(lines)
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def make_plan(op: Operator, cfg: HessianConfig, ctx: Context) -> Plan:
+    """Measure one product, then place every task's vectors within the budget (see module docstring)."""
+    budget = budget_bytes(cfg, op.device)
+    try:
+        secs, peak = first_product(op)
+    except torch.cuda.OutOfMemoryError:
+        raise ConfigError(f"hessian: one Hessian-vector product does not fit on {op.device} "
+                          f"({budget / GIB:.1f} GiB budget); lower hessian.batch_size or use hessian.mode=double_backward "
+                          f"(cached graphs take the most), or shard=params with more actors") from None
+    sizes = {"slq_blocks": len(ctx.slq_blocks), "curv_blocks": len(ctx.curv_blocks), "batches": op.n_batches}
+    plan = Plan(product_s=secs, product_gib=peak / GIB, budget_gib=budget / GIB, mode=op.products.mode)
+    held = _used(op.device)
+    local = op.span.stop - op.span.start
+    vmap = op.products.mode == "fwd_rev"
+    for name in dict.fromkeys(cfg.tasks):
+        t = TASKS[name]
+        plan.hvps[name] = t.hvps(cfg, sizes)
+        keep = t.vectors(cfg, sizes) * 8 * local
+        movable = keep - _base_vectors(name, cfg, sizes) * 8 * local  # a basis or samples
+        free = budget - held - peak - keep
+        if free < 0 < movable and op.device.type == "cuda":  # the host takes the basis or the samples
+            if name == "l11":
+                plan.store = torch.device("cpu")
+            else:
+                plan.basis_device[name] = torch.device("cpu")
+            free += movable
+        if free < 0:
+            raise ConfigError(_does_not_fit(name, cfg, keep, peak, budget, held))
+        per_vec = 32 * local + (peak if vmap else 0)
+        cap = VMAP_CHUNK_MAX if vmap else LOOP_CHUNK_MAX
+        plan.chunk[name] = int(max(1, min(cap, free // max(per_vec, 1))))
+        plan.state_gib[name] = keep / GIB
+    return plan
+
+
+def _base_vectors(name: str, cfg, sizes) -> float:
+    """Vectors of a task that must stay on the device (the rest is a basis or samples that may move)."""
+    return {"top_eigs": 4, "slq": 3, "slq_blocks": 3, "l11": 3}.get(name, TASKS[name].vectors(cfg, sizes))
+
+
+def _does_not_fit(name: str, cfg, keep: float, peak: float, budget: float, held: float) -> str:
+    fix = {"top_eigs": "hessian.top_eigs_steps or hessian.reorth.top_eigs=none",
+           "slq": "hessian.slq_steps or hessian.reorth.slq=none", "slq_blocks": "hessian.reorth.slq_blocks=none",
+           "l11": "hessian.cauchy_vectors"}.get(name, "hessian.batch_size")
+    return (f"hessian: task {name} keeps {keep / GIB:.2f} GiB of vectors next to a {peak / GIB:.2f} GiB product and "
+            f"{held / GIB:.2f} GiB of model and batches, over the {budget / GIB:.1f} GiB budget "
+            f"(hessian.memory_gib); lower {fix} or hessian.batch_size, or shard=params over more actors")
+
+
+# -- the task loop ----------------------------------------------------------------------------------
+def prepare(op: Operator, cfg: HessianConfig) -> tuple[Context, Plan]:
+    """Block selections and the memory plan for ``cfg``'s tasks on ``op``."""
+    ctx = Context(op, cfg, select_blocks(op.blocks, cfg.blocks),
+                  select_blocks(op.blocks, cfg.blocks, est.default_curvature_blocks))
+    plan = make_plan(op, cfg, ctx)
+    ctx.chunk, ctx.basis_device, ctx.store = plan.chunk, plan.basis_device, plan.store
+    return ctx, plan
+
+
+def run_tasks(ctx: Context, on_task: Optional[Callable[[str], None]] = None) -> None:
+    """Run every configured task once (trace/diag/frobenius share their products)."""
+    for name in dict.fromkeys(ctx.cfg.tasks):
+        if on_task:
+            on_task(name)
+        try:
+            TASKS[name].run(ctx)
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError(f"hessian: task {name} ran out of device memory despite the plan; set "
+                              f"hessian.memory_gib lower than the free memory (others may share the GPU)") from None
+
+
+def analyze(model: torch.nn.Module, batches: Sequence, hessian_cfg: HessianConfig, loss_fn=None,
+            progress: bool = True, echo: Optional[Callable[[str], None]] = None) -> dict:
+    """Run ``hessian_cfg.tasks`` on the mean loss ``loss_fn`` (default token cross-entropy) over ``batches``."""
     cfg = hessian_cfg
-    bad = [t for t in cfg.tasks if t not in HESSIAN_TASKS]
-    if bad:
-        raise ConfigError(f"hessian.tasks: unknown task {bad[0]!r}; allowed: {', '.join(HESSIAN_TASKS)}")
     check_model(model)
     batches = list(batches)
     if cfg.actors > 1:
-        from rayexp.hessian.distributed import ShardedHessian
-        engine = ShardedHessian(model, batches, cfg.actors, cfg.gpus_per_actor, cfg.mode, cfg.dtype)
-    else:
-        engine = _Local(HVP(model, batches, cfg.mode, cfg.dtype, _device(cfg)))
-    slq_sel = select_blocks(engine.blocks, cfg.blocks)
-    curv_sel = select_blocks(engine.blocks, cfg.blocks, est.default_curvature_blocks)
-    metrics, arrays = {}, {}
+        from rayexp.hessian.distributed import analyze_sharded
+        return analyze_sharded(model, batches, cfg, loss_fn, progress, echo)
     start = time.perf_counter()
-    total = planned_hvps(cfg, len(slq_sel), len(curv_sel), len(batches))
-    try:
-        with _Progress(engine, total, progress) as bar:
-            for task in dict.fromkeys(cfg.tasks):
-                bar.describe(task)
-                _run_task(task, engine, cfg, slq_sel, curv_sel, metrics, arrays)
-        hvps = engine.count
-    finally:
-        engine.shutdown()
-    return {"metrics": metrics, "arrays": arrays, "hvps": hvps, "seconds": time.perf_counter() - start,
-            "tasks": list(cfg.tasks)}
-
-
-def _run_task(task, engine, cfg, slq_sel, curv_sel, metrics, arrays) -> None:
-    if task == "top_eigs":
-        g = engine.grad()
-        lam, _ = lanczos(engine, g.double().to(engine.device), cfg.lanczos_steps, cfg.reorth).eig()
-        top = lam[::-1][:cfg.top_k]
-        arrays["top_eigs"] = top
-        metrics.update({f"top_eig/{i + 1}": float(x) for i, x in enumerate(top)})
-        metrics["lambda_max_abs"] = float(lam[np.argmax(np.abs(lam))])
-        metrics["lambda_min"] = float(lam[0])
-        metrics["grad_norm"] = float(g.norm())
-    elif task == "slq":
-        q = engine.slq(cfg.probes, cfg.lanczos_steps, cfg.seed, cfg.reorth)
-        grid, phi = q.density(np.linspace(*q.range(), cfg.grid_points), cfg.slq_sigma2)
-        arrays.update(slq_nodes=q.nodes, slq_weights=q.weights, slq_grid=grid, slq_density=phi)
-        metrics.update(slq_moment1=q.moment(1), slq_moment2=q.moment(2), slq_min=float(q.nodes.min()),
-                       slq_max=float(q.nodes.max()))
-    elif task == "slq_blocks":
-        quads = engine.slq_blocks(slq_sel, cfg.probes, cfg.lanczos_steps, cfg.seed, cfg.reorth)
-        grid, dens, mat, het = block_densities(quads, cfg.slq_sigma2, cfg.grid_points)
-        arrays.update(block_names=np.array(list(quads)), block_grid=grid, block_densities=dens, js_matrix=mat,
-                      block_nodes=_stack_padded([q.nodes for q in quads.values()]),
-                      block_weights=_stack_padded([q.weights for q in quads.values()]))
-        metrics["js_heterogeneity"] = het
-        metrics.update({f"block_moment1/{n}": q.moment(1) for n, q in quads.items()})
-    elif task in ("trace", "diag", "frobenius"):
-        if "hutchinson_trace" in metrics:
-            return
-        s = est.summarize_samples(engine.rademacher(cfg.hutchinson_probes, cfg.seed, diag="diag" in cfg.tasks))
-        metrics.update(hutchinson_trace=s["trace"], hutchinson_trace_se=s["trace_se"], frobenius=s["frobenius"],
-                       frobenius_sq_se=s["frobenius_sq_se"])
-        if "diag" in s:
-            arrays["hutchinson_diag"] = s["diag"]
-    elif task == "l11":
-        rows = engine.l11_cauchy(cfg.cauchy_vectors, cfg.seed, cfg.l11_estimator)
-        arrays["l11_rows"] = rows
-        metrics.update(est.l11_summary(rows, engine.blocks, "l11"))
-        if cfg.l11_rotation != "none":
-            rot = engine.l11_cauchy(cfg.cauchy_vectors, cfg.seed, cfg.l11_estimator, (cfg.l11_rotation, cfg.seed))
-            arrays["l11_rows_rotated"] = rot
-            metrics.update(est.l11_summary(rot, engine.blocks, "l11_rotated"))
-        if cfg.l11_rows:
-            from rayexp.hessian.probes import generator
-            sample = torch.randperm(engine.d, generator=generator(cfg.seed, "l11_rows", 0))[:cfg.l11_rows]
-            vals = engine.exact_rows(sample.sort().values.tolist())
-            s, d = len(vals), engine.d
-            metrics["l11_sample"] = float(d * vals.mean())
-            metrics["l11_sample_se"] = float(d * vals.std(ddof=1) / np.sqrt(s) * np.sqrt(1 - s / d)) if s > 1 else 0.0
-    elif task == "block_curvature":
-        arr = engine.block_curvature(curv_sel, cfg.curvature_steps, cfg.seed)
-        arrays.update(block_curvature=arr, block_curvature_names=np.array([b.name for b in curv_sel]))
-        corr = np.corrcoef(np.log10(np.abs(arr[..., 0]).ravel() + 1e-30), np.log10(arr[..., 1].ravel() + 1e-30))[0, 1]
-        metrics["curvature_gradnorm_logcorr"] = float(corr)
-    elif task == "grad_heterogeneity":
-        norms = est.block_grad_norms(engine.grad(), slq_sel)
-        arrays.update(block_grad_norms=norms, block_grad_names=np.array([b.name for b in slq_sel]))
-        metrics.update(est.grad_heterogeneity(norms))
-
-
-def _stack_padded(arrays: list[np.ndarray]) -> np.ndarray:
-    """Stack (n_v, m_b) arrays into (n_blocks, n_v, max m_b), zero-padded (zero weight = no node)."""
-    m = max(a.shape[1] for a in arrays)
-    return np.stack([np.pad(a, ((0, 0), (0, m - a.shape[1]))) for a in arrays])
-
-
-# -- output ------------------------------------------------------------------------------------------
-def save_results(results: dict, out_dir: str | Path) -> list[str]:
-    """Write ``hessian.npz`` (all arrays and metrics) and PNG plots; returns the file paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    arrays = dict(results["arrays"])
-    arrays["metric_names"] = np.array(list(results["metrics"]))
-    arrays["metric_values"] = np.array(list(results["metrics"].values()), dtype=float)
-    files = [str(out / "hessian.npz")]
-    np.savez_compressed(files[0], **arrays)
-    files += _plots(results["arrays"], out)
-    return files
-
-
-def _plots(a: dict, out: Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    if "slq_density" in a:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.semilogy(a["slq_grid"], a["slq_density"] + 1e-12)
-        ax.set(xlabel="eigenvalue", ylabel="density", title="SLQ spectral density")
-        files.append(str(out / "density.png"))
-        fig.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    if "block_densities" in a:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for name, dens in zip(a["block_names"], a["block_densities"]):
-            ax.semilogy(a["block_grid"], dens + 1e-12, lw=0.8, label=str(name))
-        ax.set(xlabel="eigenvalue", ylabel="density", title="blockwise SLQ densities")
-        if len(a["block_names"]) <= 12:
-            ax.legend(fontsize=6)
-        im = ax2.imshow(a["js_matrix"], cmap="viridis")
-        ax2.set_title("JS distance between blocks")
-        fig.colorbar(im, ax=ax2)
-        files.append(str(out / "block_densities.png"))
-        fig.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    if "block_curvature" in a:
-        arr = a["block_curvature"]
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.loglog(np.abs(arr[..., 0]).ravel() + 1e-30, arr[..., 1].ravel() + 1e-30, "o", ms=3)
-        ax.set(xlabel="top |eigenvalue| of H_bb", ylabel="‖g_b‖", title="per-block curvature vs gradient")
-        files.append(str(out / "block_curvature.png"))
-        fig.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    return files
-
-
-def format_table(results: dict, max_rows: int = 40) -> str:
-    """The scalar metrics as an aligned text table (per-block entries after the totals)."""
-    per_block = lambda k: "/" in k and not k.startswith("top_eig/")  # noqa: E731
-    items = sorted(results["metrics"].items(), key=lambda kv: (per_block(kv[0]), kv[0]))
-    width = max([len(k) for k, _ in items] + [6])
-    lines = [f"{'metric':<{width}}  value", "-" * (width + 14)]
-    lines += [f"{k:<{width}}  {v:.6g}" for k, v in items[:max_rows]]
-    if len(items) > max_rows:
-        lines.append(f"... {len(items) - max_rows} more in hessian.npz")
-    lines.append(f"{'HVPs':<{width}}  {results['hvps']}  ({results['seconds']:.1f} s)")
-    return "\n".join(lines)
+    op = build_operator(model, batches, cfg, loss_fn)
+    ctx, plan = prepare(op, cfg)
+    if echo:
+        echo(plan.text())
+    with Progress(lambda: op.count, sum(plan.hvps.values()), progress) as bar:
+        run_tasks(ctx, bar.describe)
+    return {"metrics": ctx.metrics, "arrays": ctx.arrays, "hvps": op.count, "seconds": time.perf_counter() - start,
+            "tasks": list(cfg.tasks), "plan": plan.text()}
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -315,17 +245,24 @@ def fixed_batches(exp, hessian_cfg: HessianConfig, data=None) -> list[tuple[torc
     return [sample_batch(data.train, block, bs, g) for _ in range(hessian_cfg.batches)]
 
 
-def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, run_id: Optional[str] = None,
-                       uri: Optional[str] = None, out_dir: Optional[str] = None, progress: bool = True) -> tuple[dict, list[str]]:
-    """Load a checkpoint (naive attention, no dropout), analyze it on fixed batches, save the files, and log
-    them to MLflow run ``run_id`` when given (``hessian.after_training`` in sweeps). Returns (results, files)."""
+def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, out_dir: Optional[str] = None,
+                       progress: bool = True, echo: Optional[Callable[[str], None]] = None,
+                       title: str = "") -> tuple[dict, list[str]]:
+    """Load a checkpoint (``hessian.attention``, no dropout), analyze it on fixed batches and save the files
+    under ``out_dir`` (default ``<checkpoint>/hessian``). Returns (results, files)."""
     from rayexp.train.checkpoint import load_model
 
-    model, exp, _ = load_model(path, attention="naive", dropout=0.0)
-    cfg = hessian_cfg or exp.hessian
-    results = analyze(model, fixed_batches(exp, cfg), cfg, progress=progress)
-    files = save_results(results, out_dir or Path(path) / "hessian")
-    if run_id is not None:
-        from rayexp.tracking import log_hessian_results
-        log_hessian_results(run_id, uri, results["metrics"], files)
+    cfg0 = hessian_cfg
+    try:
+        model, exp, _ = load_model(path, attention=(cfg0.attention if cfg0 else "naive"), dropout=0.0)
+    except ConfigError:
+        raise
+    except Exception as e:  # a truncated or corrupt file: one line naming it
+        raise ConfigError(f"checkpoint {Path(path) / 'model.pt'} does not load ({type(e).__name__}): it may be "
+                          f"truncated; use an earlier checkpoint") from None
+    cfg = cfg0 or exp.hessian
+    results = analyze(model, fixed_batches(exp, cfg), cfg, progress=progress, echo=echo)
+    name = title or f"{Path(path).resolve().parent.name}/{Path(path).name}: {exp.optimizer.name} lr={exp.optimizer.lr:.3g}"
+    files = save_results(results, out_dir or Path(path) / "hessian", name)
     return results, files
+

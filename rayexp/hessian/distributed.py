@@ -1,178 +1,185 @@
-"""Curvature estimators sharded over Ray actors (ALGORITHMS.md "Distribution over Ray actors").
+"""Curvature over Ray actors that form one torch.distributed group (docs/methods.md "Distribution").
 
-Each ``HessianActor`` holds a copy of the model and the full fixed list of batches, plus its *data
-shard* (a contiguous slice of the batches). ``ShardedHessian`` (driver side) splits work four ways:
+N ``HessianWorker`` actors join a process group (NCCL when each holds a whole GPU of its own, else gloo)
+and run the very task code of ``rayexp.hessian.analyze`` SPMD: every actor builds an ``Operator`` over its
+contiguous share of the fixed batches, with
 
-- data (Lanczos / top eigenvalues): Hv = Σ_shards (n_s/n) H_s v, the Lanczos recurrence runs here;
-- probes (SLQ, Hutchinson, Frobenius): probe i goes to actor i mod N, results merged in probe order;
-- rows (1-1 norm): Cauchy vector t is multiplied on actor t mod N, which returns N row slices as separate
-  objects; the slice of rows r goes straight to actor r, so no process ever holds the d×k samples
-  (each actor keeps d/N × k) and the driver only gathers the d per-row estimates;
-- blocks (blockwise SLQ, per-block curvature): each actor runs the Lanczos of its blocks.
+- ``shard=data``: the whole model on every actor; vectors replicated; Hv = all-reduce of the shards' sums;
+- ``shard=params``: every actor keeps 1/N of θ and of every vector (Lanczos vectors and bases, probes,
+  Hutchinson sums, the 1-1 norm's per-row samples); a product all-gathers θ and v, applies its shard's
+  H_s, and keeps its slice of the summed Hv; dot products are local sums plus an all-reduce.
 
-Every probe is drawn from a generator keyed by (seed, kind, probe index), never by actor, so results do
-not depend on the number of actors (up to float summation order in data sharding).
+The driver sends the model and batches once (Ray's object store), then only calls; scalars and final
+results (rank 0's metrics and arrays) come back, never a vector per product. Probes are keyed by
+(seed, kind, index, chunk), so results do not depend on N or the sharding (up to summation order).
 """
 from __future__ import annotations
 
+import datetime
+import os
+import socket
+import time
 from typing import Optional, Sequence
 
-import numpy as np
 import ray
 import torch
+import torch.distributed as dist
 
-from rayexp.hessian import estimators as est
-from rayexp.hessian.hvp import HVP, check_model
-from rayexp.hessian.slq import Quadrature, slq, slq_blocks
+from rayexp.config import ConfigError, HessianConfig
+
+READY_TIMEOUT_S = 120
 
 
-def _split(items: Sequence, n: int) -> list[list]:
-    """Round-robin split of ``items`` into n lists."""
-    return [list(items[i::n]) for i in range(n)]
+def ensure_ray() -> bool:
+    """Start a local Ray (or join ``RAY_ADDRESS``) unless one is running; returns whether we started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+    return True
+
+
+def actor_resources(cfg: HessianConfig, use_gpu: bool) -> tuple[float, float]:
+    """(CPUs, GPUs) per actor: the config's, else an equal share of the cluster (at most 1 each);
+    a request the cluster cannot meet is a ConfigError naming the setting."""
+    total = ray.cluster_resources()
+    cpus_all, gpus_all = total.get("CPU", 0.0), total.get("GPU", 0.0) if use_gpu else 0.0
+    cpus = cfg.cpus_per_actor or min(1.0, cpus_all / cfg.actors)
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else min(1.0, gpus_all / cfg.actors)
+    if cfg.actors * cpus > cpus_all + 1e-9:
+        raise ConfigError(f"hessian.cpus_per_actor={cpus:g} × hessian.actors={cfg.actors} needs {cfg.actors * cpus:g} CPUs; "
+                          f"the Ray cluster has {cpus_all:g}")
+    if cfg.actors * gpus > gpus_all + 1e-9:
+        raise ConfigError(f"hessian.gpus_per_actor={gpus:g} × hessian.actors={cfg.actors} needs {cfg.actors * gpus:g} GPUs; "
+                          f"the Ray cluster has {gpus_all:g}")
+    return cpus, gpus
+
+
+def _split(n: int, world: int) -> list[list[int]]:
+    """Contiguous, balanced shares of n batch ids (empty shares when world > n)."""
+    cuts = [round(i * n / world) for i in range(world + 1)]
+    return [list(range(cuts[r], cuts[r + 1])) for r in range(world)]
 
 
 @ray.remote
-class HessianActor:
-    """One shard's worker: the model, all batches, and the data shard ``batches[lo:hi]``."""
+class HessianWorker:
+    """One member of the group: its data shard, its parameter shard (``params``), the task loop."""
 
-    def __init__(self, model, batches, lo: int, hi: int, mode: str, dtype: str, use_gpu: bool):
-        torch.set_num_threads(1)
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.op = HVP(model, batches, mode, dtype, device)
-        self.shard = self.op.with_batches(batches[lo:hi]) if hi > lo else None
-        self.weight = hi - lo
-        self.rows: dict[int, np.ndarray] = {}
+    def __init__(self, rank: int, world: int, cfg: HessianConfig, whole_gpu: bool):
+        self.rank, self.world, self.cfg = rank, world, cfg
+        self.gpu = torch.cuda.is_available() and cfg.device != "cpu"
+        self.backend = "nccl" if self.gpu and whole_gpu else "gloo"
+        self.op, self.ctx = None, None
+        if not self.gpu:
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port for the group's rendezvous (rank 0)."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(self, addr: tuple[str, int], source) -> tuple[str, int]:
+        """Join the group, build this shard's operator and agree on one memory plan; returns its text and HVPs."""
+        from rayexp.hessian.analyze import build_operator, prepare
+        from rayexp.hessian.operator import Comm
+        device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
+        if self.gpu:
+            torch.cuda.set_device(device)
+        dist.init_process_group(self.backend, init_method=f"tcp://{addr[0]}:{addr[1]}", rank=self.rank,
+                                world_size=self.world, timeout=datetime.timedelta(minutes=30))
+        model, loss_fn, batches = source
+        comm = Comm(self.cfg.shard, dist.group.WORLD)
+        ids = _split(len(batches), self.world)[self.rank]
+        theta_fn = None
+        if self.cfg.shard == "params":
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(device)
+            d = flat.numel()
+            self.theta = flat[comm.span(d)].clone()  # this actor's 1/N of θ, kept
+            del flat
+            theta_fn = lambda: comm.gather(self.theta, d)  # noqa: E731
+        self.op = build_operator(model, [batches[i] for i in ids], self.cfg, loss_fn, comm, len(batches), ids,
+                                 theta_fn, device)
+        if theta_fn is not None:
+            for p in self.op.products.model.parameters():
+                p.data = torch.empty(0, device=p.device)  # the full θ lives only in a product's gather
+        return self._agreed_plan(prepare)
+
+    def _agreed_plan(self, prepare) -> tuple[str, int]:
+        """``prepare`` on every rank; one rank's ConfigError stops all, chunks are the minimum over ranks."""
+        err = None
+        try:
+            self.ctx, plan = prepare(self.op, self.cfg)
+        except ConfigError as e:
+            err, plan = e, None
+        flag = torch.tensor([1.0 if err else 0.0])
+        dist.all_reduce(flag)
+        if flag.item():
+            raise err or ConfigError("hessian: another actor's memory plan does not fit (see its error)")
+        names = sorted(plan.chunk)
+        chunks = torch.tensor([float(plan.chunk[n]) for n in names])
+        dist.all_reduce(chunks, op=dist.ReduceOp.MIN)
+        self.ctx.chunk = plan.chunk = {n: int(c) for n, c in zip(names, chunks.tolist())}
+        return plan.text(), sum(plan.hvps.values())
+
+    def run(self) -> Optional[dict]:
+        """Run the tasks; rank 0 returns the metrics and arrays."""
+        from rayexp.hessian.analyze import run_tasks
+        run_tasks(self.ctx)
+        return {"metrics": self.ctx.metrics, "arrays": self.ctx.arrays} if self.rank == 0 else None
 
     def count(self) -> int:
-        """Full HVPs this actor computed (data-shard products are counted once, on the driver)."""
-        return self.op.count
+        return self.op.count if self.op is not None else 0
 
-    def shard_hvp(self, v: np.ndarray) -> np.ndarray:
-        """(n_s) · H_s v: the shard's weighted share of Hv."""
-        return self.weight * self.shard(v) if self.shard is not None else np.zeros_like(v)
+    def memory(self) -> dict:
+        """What this actor keeps: parameters (numel), its share of every d-vector, peak device bytes."""
+        theta = self.theta.numel() if self.cfg.shard == "params" else self.op.d
+        peak = torch.cuda.max_memory_allocated() if self.gpu else float("nan")
+        return {"rank": self.rank, "params": theta, "vector": self.op.span.stop - self.op.span.start,
+                "d": self.op.d, "batches": self.op.products.n_batches, "peak_bytes": peak}
 
-    def shard_grad(self) -> np.ndarray:
-        return self.weight * self.shard.grad().cpu().numpy() if self.shard is not None else 0.0
-
-    def slq(self, indices, steps, seed, reorth) -> Quadrature:
-        return slq(self.op, self.op.d, steps=steps, seed=seed, indices=indices, reorth=reorth)
-
-    def slq_blocks(self, names, probes, steps, seed, reorth) -> dict:
-        return slq_blocks(self.op, [self.op.block(n) for n in names], probes, steps, seed, reorth=reorth)
-
-    def rademacher(self, indices, seed, diag) -> dict:
-        return est.rademacher_samples(self.op, self.op.d, indices, seed, diag=diag)
-
-    def cauchy_slices(self, t: int, seed: int, bounds: list[tuple[int, int]], rotation: Optional[tuple]):
-        """H v_t for Cauchy vector t, cut into the row slices ``bounds`` (one returned object each)."""
-        mv = est.rotated(self.op, *rotation) if rotation else self.op
-        hv = est.cauchy_rows(mv, self.op.d, [t], slice(0, self.op.d), seed)[:, 0]
-        parts = [hv[lo:hi] for lo, hi in bounds]
-        return parts if len(parts) > 1 else parts[0]
-
-    def keep_rows(self, t: int, values: np.ndarray) -> None:
-        self.rows[t] = values
-
-    def row_scales(self, method: str) -> np.ndarray:
-        samples = np.stack([self.rows[t] for t in sorted(self.rows)], axis=1)
-        self.rows = {}
-        return est.row_scales(samples, method)
-
-    def exact_rows(self, rows) -> np.ndarray:
-        return est.l11_exact_rows(self.op, self.op.d, rows)
-
-    def block_curvature(self, names, steps, seed) -> np.ndarray:
-        return est.block_curvature(self.op, [self.op.block(n) for n in names], steps, seed)
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-class ShardedHessian:
-    """Driver-side view of ``actors`` HessianActors; mirrors the local HVP's estimator calls."""
+def _unwrap(e: Exception) -> Exception:
+    """The ConfigError inside a Ray task error, if that is what it is."""
+    cause = getattr(e, "cause", None)
+    return ConfigError(str(cause)) if isinstance(cause, ConfigError) else e
 
-    def __init__(self, model, batches: Sequence, actors: int = 2, gpus_per_actor: float = 0.0,
-                 mode: str = "fwd_rev", dtype: str = "fp64", cpus_per_actor: float = 1.0):
-        check_model(model)
-        if not ray.is_initialized():
-            ray.init(log_to_driver=False)
-        batches = list(batches)
-        self.local = HVP(model, batches[:1], mode, dtype, "cpu")  # shapes and blocks only
-        self.d, self.blocks, self.n = self.local.d, self.local.blocks, len(batches)
-        self.device = torch.device("cpu")
-        bounds = np.linspace(0, self.n, actors + 1).round().astype(int)
-        model_ref = ray.put(model.cpu())
-        self.actors = [HessianActor.options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor).remote(
-            model_ref, batches, int(bounds[i]), int(bounds[i + 1]), mode, dtype, gpus_per_actor > 0)
-            for i in range(actors)]
-        self._driver_count = 0
 
-    @property
-    def count(self) -> int:
-        """Full-Hessian HVPs done so far (data-sharded products count once)."""
-        return self._driver_count + sum(ray.get([a.count.remote() for a in self.actors]))
-
-    def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
-
-    # -- data sharding ---------------------------------------------------------------------------
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        """Hv = (1/n) Σ_shards n_s H_s v."""
-        ref = ray.put(v.detach().double().cpu().numpy())
-        parts = ray.get([a.shard_hvp.remote(ref) for a in self.actors])
-        self._driver_count += 1
-        return torch.from_numpy(np.sum(parts, axis=0) / self.n).to(v.device)
-
-    def grad(self) -> torch.Tensor:
-        return torch.from_numpy(np.sum(ray.get([a.shard_grad.remote() for a in self.actors]), axis=0) / self.n)
-
-    # -- probe sharding --------------------------------------------------------------------------
-    def slq(self, probes: int, steps: int, seed: int = 0, reorth: bool = True) -> Quadrature:
-        shares = _split(range(probes), len(self.actors))
-        parts = ray.get([a.slq.remote(s, steps, seed, reorth) for a, s in zip(self.actors, shares) if s])
-        order = np.argsort(np.concatenate([s for s in shares if s]))
-        q = Quadrature.concat(parts)
-        return Quadrature(q.nodes[order], q.weights[order])
-
-    def rademacher(self, probes: int, seed: int = 0, diag: bool = True) -> dict:
-        shares = _split(range(probes), len(self.actors))
-        parts = ray.get([a.rademacher.remote(s, seed, diag) for a, s in zip(self.actors, shares) if s])
-        order = np.argsort(np.concatenate([s for s in shares if s]))
-        merged = est.merge_samples(parts)
-        merged["vhv"], merged["hv2"] = merged["vhv"][order], merged["hv2"][order]
-        return merged
-
-    # -- block sharding --------------------------------------------------------------------------
-    def slq_blocks(self, blocks, probes: int, steps: int, seed: int = 0, reorth: bool = True) -> dict:
-        shares = _split([b.name for b in blocks], len(self.actors))
-        parts = ray.get([a.slq_blocks.remote(s, probes, steps, seed, reorth)
-                         for a, s in zip(self.actors, shares) if s])
-        merged = {k: v for p in parts for k, v in p.items()}
-        return {b.name: merged[b.name] for b in blocks}
-
-    def block_curvature(self, blocks, steps: int, seed: int = 0) -> np.ndarray:
-        shares = _split([b.name for b in blocks], len(self.actors))
-        parts = ray.get([a.block_curvature.remote(s, steps, seed) for a, s in zip(self.actors, shares) if s])
-        pos = {n: (i, j) for i, s in enumerate([s for s in shares if s]) for j, n in enumerate(s)}
-        return np.stack([parts[pos[b.name][0]][:, pos[b.name][1]] for b in blocks], axis=1)
-
-    # -- row sharding ----------------------------------------------------------------------------
-    def row_bounds(self) -> list[tuple[int, int]]:
-        cuts = np.linspace(0, self.d, len(self.actors) + 1).round().astype(int)
-        return [(int(cuts[i]), int(cuts[i + 1])) for i in range(len(self.actors))]
-
-    def l11_cauchy(self, k: int, seed: int = 0, method: str = "median", rotation: Optional[tuple] = None) -> np.ndarray:
-        """Per-row ‖Hᵢ‖₁ estimates; row slice r of every Cauchy HVP lives only on actor r."""
-        bounds, n = self.row_bounds(), len(self.actors)
-        pending = []
-        for t in range(k):
-            refs = self.actors[t % n].cauchy_slices.options(num_returns=n).remote(t, seed, bounds, rotation)
-            refs = refs if n > 1 else [refs]
-            pending += [owner.keep_rows.remote(t, ref) for owner, ref in zip(self.actors, refs)]
-        ray.get(pending)
-        return np.concatenate(ray.get([a.row_scales.remote(method) for a in self.actors]))
-
-    def exact_rows(self, rows: Sequence[int]) -> np.ndarray:
-        shares = _split(list(rows), len(self.actors))
-        parts = ray.get([a.exact_rows.remote(s) for a, s in zip(self.actors, shares) if s])
-        order = np.argsort(np.concatenate([s for s in shares if s]))
-        return np.concatenate(parts)[order]
+def analyze_sharded(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, progress: bool = True,
+                    echo=None) -> dict:
+    """``analyze`` over ``cfg.actors`` Ray actors (see the module docstring); same return value."""
+    from rayexp.hessian.io import Progress
+    started = ensure_ray()
+    t0 = time.perf_counter()
+    workers = []
+    try:
+        use_gpu = cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        cpus, gpus = actor_resources(cfg, use_gpu)
+        workers = [HessianWorker.options(num_cpus=cpus, num_gpus=gpus, max_concurrency=2).remote(
+            r, cfg.actors, cfg, gpus >= 1) for r in range(cfg.actors)]
+        try:
+            addr = ray.get(workers[0].address.remote(), timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(f"hessian.actors={cfg.actors}: the actors did not start within {READY_TIMEOUT_S} s "
+                              f"({cpus:g} CPUs, {gpus:g} GPUs each); lower hessian.cpus_per_actor/gpus_per_actor") from None
+        source = ray.put((model.cpu(), loss_fn, list(batches)))
+        try:
+            plan, total = ray.get([w.setup.remote(addr, source) for w in workers])[0]
+            if echo:
+                echo(plan + f"\n  on {cfg.actors} actors, shard={cfg.shard}")
+            with Progress(lambda: ray.get(workers[0].count.remote()), total, progress):
+                out = ray.get([w.run.remote() for w in workers])[0]
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        memory = ray.get([w.memory.remote() for w in workers])
+        hvps = ray.get(workers[0].count.remote())
+    finally:
+        for w in workers:
+            ray.kill(w)
+        if started:
+            ray.shutdown()
+    return {**out, "hvps": hvps, "seconds": time.perf_counter() - t0, "tasks": list(cfg.tasks), "plan": plan,
+            "actors": memory}

@@ -1,75 +1,62 @@
-"""Randomized and exact Hessian estimators: Hutchinson trace/diagonal, Frobenius norm, the 1-1 norm
-(Cauchy sketches and exact rows), per-block curvature vs gradient norms, gradient heterogeneity.
+"""Randomized and exact Hessian estimators on a ``HessianOperator`` (docs/methods.md "Estimators").
 
-- Hutchinson (Hutchinson 1990): tr H = E[vᵀHv], diag H = E[v ⊙ Hv], v Rademacher.
-- Frobenius (seed 000): ‖H‖_F² = E‖Hv‖², v Rademacher (the same HVPs as Hutchinson).
-- 1-1 norm (arXiv 2410.08198; seed 000's ``compute_11_norm``): ‖H‖₁,₁ = Σᵢⱼ |Hᵢⱼ| = Σᵢ ‖Hᵢ‖₁. With v of
-  i.i.d. standard Cauchy entries, (Hv)ᵢ = Σⱼ Hᵢⱼ vⱼ is Cauchy with scale ‖Hᵢ‖₁ (1-stability), so over k
-  vectors ‖Hᵢ‖₁ ≈ median_k |(Hv)ᵢ| or ≈ ½ IQR_k (Hv)ᵢ (Indyk 2006). Summing rows gives ‖H‖₁,₁ and the
-  largest row the ∞→∞ norm. The seed scales v by 1/d and reports ‖H‖₁,₁/d; we report the unscaled
-  total (``l11``) and ``l11_over_d``. "Per block" = the rows of that block (Σ_{i∈b} ‖Hᵢ‖₁), so blocks
-  sum to the total. Exact check: ‖H eᵢ‖₁ for every row, or for a uniform row sample S without
-  replacement, (d/|S|) Σ_{i∈S} ‖H eᵢ‖₁ with standard error d·s/√|S|·√(1 − |S|/d).
-- Rotated basis: ‖R H Rᵀ‖₁,₁ for the orthogonal R of ``rayexp.optim.rotation`` (per_tensor Kronecker
-  rotations U X Vᵀ, or one global Haar matrix), i.e. the operator u ↦ R H R⁻¹ u.
-- Per-block curvature (seed 003, arXiv 2502.00213): for each batch and block b, the largest-magnitude
-  eigenvalue of H_bb on that batch (Lanczos restricted to b; the seed uses power iteration) and ‖g_b‖.
-- Gradient heterogeneity: the standard deviation of log10 ‖g_b‖ over blocks (mean gradient over the
-  batches), plus the max/min ratio of ‖g_b‖ (blocks with ‖g_b‖ ≤ 1e-10·max, structurally zero, skipped).
+- Hutchinson (1990): tr H = E[vᵀHv], diag H = E[v ⊙ Hv], v Rademacher.
+- Frobenius (seed 000): ‖H‖_F² = E‖Hv‖², v Rademacher (the same products as Hutchinson).
+- 1-1 norm (arXiv 2410.08198): ‖H‖₁,₁ = Σᵢ ‖Hᵢ‖₁. With v of i.i.d. standard Cauchy entries, (Hv)ᵢ is
+  Cauchy with scale ‖Hᵢ‖₁ (1-stability), so over k vectors ‖Hᵢ‖₁ ≈ median_k |(Hv)ᵢ| or ≈ ½ IQR_k (Hv)ᵢ.
+  Each process keeps the k samples of its own rows only (fp32, on the device or the host, as planned).
+  Exact check: ‖H eᵢ‖₁ for requested rows (in the order requested), or a uniform row sample S,
+  (d/|S|) Σ_{i∈S} ‖H eᵢ‖₁ with standard error d·s/√|S|·√(1 − |S|/d).
+- Per-block curvature (seed 003, arXiv 2502.00213): for each batch and block b, the largest eigenvalue
+  λ_max(H_bb) on that batch (Lanczos restricted to b, exact to the Ritz tolerance) and ‖g_b‖.
+- Gradient heterogeneity (rayexp's scalar): std of log10 ‖g_b‖ over blocks and the max/min ratio.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from rayexp.hessian.hvp import HVP, Block
-from rayexp.hessian.lanczos import lanczos_batch
+from rayexp.hessian.lanczos import lanczos_runs, select
+from rayexp.hessian.operator import Block, HessianOperator, block_products
 from rayexp.hessian.probes import generator, probe
 
 L11_METHODS = ("median", "iqr")
-CHUNK = 64
 
 
-def apply_many(matvec: Callable, vs: Sequence[torch.Tensor]):
-    """Yield H v for each v: vmapped ``HVP.many`` in chunks of CHUNK for an HVP operator, else one by one."""
-    vs = list(vs)
-    if isinstance(matvec, HVP) and matvec.mode == "fwd_rev":
-        for i in range(0, len(vs), CHUNK):
-            yield from matvec.many(torch.stack(vs[i:i + CHUNK]))
-    else:
-        for v in vs:
-            yield matvec(v)
+def assemble(op: HessianOperator, x: torch.Tensor) -> torch.Tensor:
+    """The whole d-vector (on every process) from each process's part ``x`` in ``op.span``."""
+    if x.numel() == op.d:
+        return x
+    full = torch.zeros(op.d, dtype=x.dtype, device=x.device)
+    full[op.span] = x
+    return op.reduce(full)
+
+
+def _chunks(n: int, size: int):
+    size = max(size, 1)
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 # -- Hutchinson and Frobenius ------------------------------------------------------------------------
-def rademacher_samples(matvec: Callable, d: int, indices: Sequence[int], seed: int = 0, device=None,
-                       diag: bool = True) -> dict:
-    """For Rademacher probes ``indices``: vᵀHv and ‖Hv‖² per probe, and Σ v ⊙ Hv (mergeable sums)."""
-    device = getattr(matvec, "device", device) or "cpu"
+def rademacher_samples(op: HessianOperator, probes: int, seed: int = 0, diag: bool = True, chunk: int = 1) -> dict:
+    """vᵀHv and ‖Hv‖² per Rademacher probe, and Σ v ⊙ Hv (this process's part), ``chunk`` probes a product."""
     quad, sq = [], []
-    diag_sum = torch.zeros(d, dtype=torch.float64, device=device) if diag else None
-    vs = [probe(d, "rademacher", seed, i, "hutchinson").to(device) for i in indices]
-    for v, hv in zip(vs, apply_many(matvec, vs)):
-        hv = hv.to(v)
-        quad.append(float(v @ hv))
-        sq.append(float(hv @ hv))
+    diag_sum = torch.zeros(op.span.stop - op.span.start, dtype=torch.float64, device=op.device) if diag else None
+    for ids in _chunks(probes, chunk):
+        V = torch.stack([probe(op.d, "rademacher", seed, i, "hutchinson", op.span) for i in ids]).to(op.device)
+        HV = op.matmat(V)
+        sums = op.reduce(torch.cat([(V * HV).sum(1), (HV * HV).sum(1)]))
+        quad += sums[:len(ids)].tolist()
+        sq += sums[len(ids):].tolist()
         if diag:
-            diag_sum += v * hv
-    return {"vhv": np.array(quad), "hv2": np.array(sq), "n": len(quad),
-            "diag_sum": diag_sum.cpu().numpy() if diag else None}
-
-
-def merge_samples(parts: Sequence[dict]) -> dict:
-    """Concatenate ``rademacher_samples`` of disjoint probe sets (in probe order)."""
-    diags = [p["diag_sum"] for p in parts if p["diag_sum"] is not None]
-    return {"vhv": np.concatenate([p["vhv"] for p in parts]), "hv2": np.concatenate([p["hv2"] for p in parts]),
-            "n": sum(p["n"] for p in parts), "diag_sum": np.sum(diags, axis=0) if diags else None}
+            diag_sum += (V * HV).sum(0)
+    return {"vhv": np.array(quad), "hv2": np.array(sq), "n": len(quad), "diag_sum": diag_sum}
 
 
 def summarize_samples(s: dict) -> dict:
-    """Trace, Frobenius norm (with standard errors) and diagonal from Rademacher samples."""
+    """Trace, ‖H‖_F and ‖H‖_F² (with standard errors over probes) and the diagonal estimate."""
     n = s["n"]
     se = lambda a: float(a.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")  # noqa: E731
     fro2 = float(s["hv2"].mean())
@@ -80,27 +67,36 @@ def summarize_samples(s: dict) -> dict:
     return out
 
 
-def hutchinson(matvec: Callable, d: int, probes: int = 100, seed: int = 0, diag: bool = True) -> dict:
-    """Hutchinson trace (± standard error), diagonal, and Frobenius norm from ``probes`` Rademacher HVPs."""
-    return summarize_samples(rademacher_samples(matvec, d, range(probes), seed, diag=diag))
+def hutchinson(op: HessianOperator, probes: int = 100, seed: int = 0, diag: bool = True, chunk: int = 1) -> dict:
+    """Hutchinson trace (± standard error), diagonal, and Frobenius norm from ``probes`` Rademacher products."""
+    return summarize_samples(rademacher_samples(op, probes, seed, diag, chunk))
 
 
 # -- 1-1 norm ----------------------------------------------------------------------------------------
-def cauchy_rows(matvec: Callable, d: int, vectors: Sequence[int], rows: slice, seed: int = 0, device=None) -> np.ndarray:
-    """(Hv_t)[rows] for the standard-Cauchy vectors t in ``vectors``: an array (n_rows, len(vectors))."""
-    device = getattr(matvec, "device", device) or "cpu"
-    vs = (probe(d, "cauchy", seed, t, "l11").to(device) for t in vectors)
-    return np.stack([hv[rows].cpu().numpy() for hv in apply_many(matvec, vs)], axis=1)
+def cauchy_samples(op: HessianOperator, k: int, seed: int = 0, chunk: int = 1, store=None) -> torch.Tensor:
+    """(Hv_t)ᵢ for this process's rows i and Cauchy vectors t < k: (rows, k) float32 on ``store``."""
+    rows = op.span.stop - op.span.start
+    out = torch.empty(rows, k, dtype=torch.float32, device=store or op.device)
+    for ids in _chunks(k, chunk):
+        V = torch.stack([probe(op.d, "cauchy", seed, t, "l11", op.span) for t in ids]).to(op.device)
+        out[:, ids.start:ids.stop] = op.matmat(V).T.to(out)
+    return out
 
 
-def row_scales(samples: np.ndarray, method: str = "median") -> np.ndarray:
+def row_scales(samples: torch.Tensor | np.ndarray, method: str = "median", rows_per_chunk: int = 1 << 20) -> np.ndarray:
     """Per-row Cauchy scale ‖Hᵢ‖₁ from samples (rows, k): median |x| or half the interquartile range."""
-    if method == "median":
-        return np.median(np.abs(samples), axis=1)
-    if method == "iqr":
-        q1, q3 = np.quantile(samples, [0.25, 0.75], axis=1)
-        return 0.5 * (q3 - q1)
-    raise ValueError(f"unknown 1-1 norm estimator {method!r}; allowed: {', '.join(L11_METHODS)}")
+    if method not in L11_METHODS:
+        raise ValueError(f"unknown 1-1 norm estimator {method!r}; allowed: {', '.join(L11_METHODS)}")
+    out = []
+    for lo in range(0, len(samples), rows_per_chunk):
+        part = samples[lo:lo + rows_per_chunk]
+        a = (part.double().cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part, dtype=np.float64))
+        if method == "median":
+            out.append(np.median(np.abs(a), axis=1))
+        else:
+            q1, q3 = np.quantile(a, [0.25, 0.75], axis=1)
+            out.append(0.5 * (q3 - q1))
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def l11_summary(row_l1: np.ndarray, blocks: Sequence[Block], prefix: str = "l11") -> dict:
@@ -113,89 +109,68 @@ def l11_summary(row_l1: np.ndarray, blocks: Sequence[Block], prefix: str = "l11"
     return out
 
 
-def l11_cauchy(matvec: Callable, d: int, k: int = 100, seed: int = 0, method: str = "median",
-               chunk_rows: Optional[int] = None) -> np.ndarray:
-    """Per-row ‖Hᵢ‖₁ estimates from k Cauchy HVPs (rows processed ``chunk_rows`` at a time would need
-    k HVPs per chunk; locally we keep all rows: d×k floats)."""
-    return row_scales(cauchy_rows(matvec, d, range(k), slice(0, d), seed), method)
+def l11_exact_rows(op: HessianOperator, rows: Sequence[int], chunk: int = 1) -> np.ndarray:
+    """‖H eᵢ‖₁ for each i in ``rows``, in that order (one product per row; H symmetric so row = column)."""
+    rows, lo, n_local = list(rows), op.span.start, op.span.stop - op.span.start
+    out = []
+    for ids in _chunks(len(rows), chunk):
+        E = torch.zeros(len(ids), n_local, dtype=torch.float64, device=op.device)
+        for r, i in enumerate(ids):
+            if op.span.start <= rows[i] < op.span.stop:
+                E[r, rows[i] - lo] = 1.0
+        out += op.reduce(op.matmat(E).abs().sum(1)).tolist()
+    return np.array(out)
 
 
-def l11_exact_rows(matvec: Callable, d: int, rows: Sequence[int], device=None) -> np.ndarray:
-    """‖H eᵢ‖₁ for each i in ``rows`` (one HVP per row; H symmetric so row = column)."""
-    device = getattr(matvec, "device", device) or "cpu"
-    eye = torch.zeros(len(rows), d, dtype=torch.float64, device=device)
-    eye[torch.arange(len(rows)), torch.as_tensor(list(rows), dtype=torch.long)] = 1.0
-    return np.array([float(hv.abs().sum()) for hv in apply_many(matvec, eye)])
-
-
-def l11_row_sample(matvec: Callable, d: int, n_rows: int, seed: int = 0) -> dict:
+def l11_row_sample(op: HessianOperator, n_rows: int, seed: int = 0, chunk: int = 1) -> dict:
     """Uniform row sample S (|S| = n_rows, no replacement): (d/|S|) Σ ‖H eᵢ‖₁ and its standard error."""
-    rows = torch.randperm(d, generator=generator(seed, "l11_rows", 0))[:n_rows].sort().values.tolist()
-    vals = l11_exact_rows(matvec, d, rows)
+    d = op.d
+    rows = torch.randperm(d, generator=generator(seed, "l11_rows", 0))[:n_rows].tolist()
+    vals = l11_exact_rows(op, rows, chunk)
     s = len(vals)
     se = d * vals.std(ddof=1) / np.sqrt(s) * np.sqrt(1 - s / d) if s > 1 else float("nan")
     return {"l11_sample": float(d * vals.mean()), "l11_sample_se": float(se), "l11_sample_rows": s}
 
 
-def rotated(op: HVP, kind: str = "per_tensor", seed: int = 0, max_dim: int = 8192) -> Callable:
-    """The operator u ↦ R H R⁻¹ u of the Hessian in a rotated basis (``rayexp.optim.rotation``)."""
-    from rayexp.optim.rotation import apply_inverse, apply_rotation, haar_orthogonal, matrix_sides, seeded_generator
-
-    if kind == "global":
-        q = haar_orthogonal(op.d, seeded_generator(seed, "global", "q")).to(op.device)
-        return lambda u: q @ op(q.T @ u.to(q))
-    if kind != "per_tensor":
-        raise ValueError(f"unknown rotation {kind!r}; allowed: per_tensor, global")
-    mats = []
-    for i, shape in enumerate(op.shapes):
-        m, n = matrix_sides(shape, max_dim)
-        mats.append((haar_orthogonal(m, seeded_generator(seed, i, "u")).to(op.device) if m else None,
-                     haar_orthogonal(n, seeded_generator(seed, i, "v")).to(op.device) if n else None))
-
-    def apply(u: torch.Tensor, f) -> torch.Tensor:
-        parts = op.unflatten(u.to(torch.float64))
-        return op.flatten({name: f(parts[name], *uv) for name, uv in zip(op.names, mats)})
-
-    def mv(u):
-        return apply(op(apply(u, apply_inverse)).to(u), apply_rotation)
-    mv.device = op.device
-    return mv
-
-
 # -- per-block curvature and gradient heterogeneity --------------------------------------------------
-def block_grad_norms(grad: torch.Tensor, blocks: Sequence[Block]) -> np.ndarray:
-    """‖g_b‖ for each block."""
-    return np.array([float(grad[b.slice].norm()) for b in blocks])
+def block_grad_norms(op: HessianOperator, g: torch.Tensor, blocks: Sequence[Block]) -> np.ndarray:
+    """‖g_b‖ for each block, from this process's part ``g`` of the gradient."""
+    sq = torch.zeros(len(blocks), dtype=torch.float64, device=g.device)
+    for k, b in enumerate(blocks):
+        lo, hi = max(b.start, op.span.start), min(b.stop, op.span.stop)
+        if hi > lo:
+            sq[k] = (g[lo - op.span.start:hi - op.span.start].double() ** 2).sum()
+    return op.reduce(sq).sqrt().cpu().numpy()
 
 
 def grad_heterogeneity(norms: np.ndarray, floor: float = 1e-10) -> dict:
-    """Spread of block gradient norms: std of log10 ‖g_b‖ (our scalar) and max/min ratio, over blocks with
+    """Spread of block gradient norms: std of log10 ‖g_b‖ (rayexp's scalar) and max/min ratio, over blocks with
     ‖g_b‖ > floor·max (structurally zero gradients, e.g. attention key biases, are left out)."""
     pos = norms[norms > floor * norms.max()] if len(norms) else norms
     return {"grad_heterogeneity": float(np.log10(pos).std()) if len(pos) > 1 else 0.0,
             "grad_norm_ratio": float(pos.max() / pos.min()) if len(pos) else float("nan")}
 
 
-def block_top_eigs(op: HVP, blocks: Sequence[Block], steps: int = 20, seed: int = 0,
-                   callback: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Largest-magnitude eigenvalue of each H_bb (lockstep Lanczos, one vmapped HVP per step)."""
-    v0s = [probe(b.size, "gaussian", seed, 0, f"block_top/{b.name}").to(op.device) for b in blocks]
-    tris = lanczos_batch(lambda ids, qs: op.block_many([blocks[i] for i in ids], qs), v0s, steps, callback=callback)
-    out = []
-    for t in tris:
-        lam, _ = t.eig()
-        out.append(lam[np.argmax(np.abs(lam))])
-    return np.array(out)
+def block_top_eigs(op: HessianOperator, blocks: Sequence[Block], steps: int = 20, seed: int = 0,
+                   which: str = "largest", chunk: int = 0, callback=None) -> np.ndarray:
+    """λ_max(H_bb) of each block (``which='magnitude'``: the largest |λ|), lockstep Lanczos with full
+    reorthogonalization, ``chunk`` blocks sharing one product (0 = all)."""
+    views, products = block_products(op, blocks)
+    v0s = [probe(b.size, "gaussian", seed, 0, f"block_top/{b.name}", v.span) for b, v in zip(blocks, views)]
+    tris = lanczos_runs(op, v0s, steps, "full", products=products, chunk=chunk, dims=[b.size for b in blocks],
+                        callback=callback)
+    return np.array([select(t.eig()[0], 1, which)[0] for t in tris])
 
 
-def block_curvature(op: HVP, blocks: Sequence[Block], steps: int = 20, seed: int = 0,
-                    callback: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """Seed 003's array (batches × blocks × 2): [top |eig| of H_bb, ‖g_b‖] on each batch separately."""
-    out = np.zeros((len(op.batches), len(blocks), 2))
-    for i, batch in enumerate(op.batches):
-        one = op.with_batches([batch])
-        out[i, :, 0] = block_top_eigs(one, blocks, steps, seed, callback)
-        out[i, :, 1] = block_grad_norms(one.grad(), blocks)
+def block_curvature(op, blocks: Sequence[Block], steps: int = 20, seed: int = 0, chunk: int = 0,
+                    callback=None) -> np.ndarray:
+    """Seed 003's array (batches × blocks × 2): [λ_max(H_bb), ‖g_b‖] on each batch separately
+    (``op.for_batch(i)``: the operator of batch i alone)."""
+    out = np.zeros((op.n_batches, len(blocks), 2))
+    for i in range(op.n_batches):
+        one = op.for_batch(i)
+        out[i, :, 0] = block_top_eigs(one, blocks, steps, seed, chunk=chunk, callback=callback)
+        out[i, :, 1] = block_grad_norms(one, one.grad(), blocks)
         op.count += one.count
     return out
 
@@ -203,3 +178,4 @@ def block_curvature(op: HVP, blocks: Sequence[Block], steps: int = 20, seed: int
 def default_curvature_blocks(blocks: Sequence[Block]) -> list[Block]:
     """Seed 003's kind of selection: weight tensors (LayerNorm, Q, K, V, MLP, head), no biases, no positions."""
     return [b for b in blocks if ".bias" not in b.name and "wpe" not in b.name]
+

@@ -1,61 +1,58 @@
-"""Hessian-vector products of a model's mean loss over a fixed list of batches.
+"""Hessian-vector products of any model and loss over a fixed list of batches (docs/methods.md "HVP").
 
-    L(θ) = (1/n) Σ_b ℓ(θ; x_b, y_b),   ℓ = mean token cross-entropy of ``model(x)[0]`` against y,
-    Hv   = d/dε ∇L(θ + εv) |_{ε=0}     (ALGORITHMS.md "HVP"; Pearlmutter 1994)
+    ℓ_b(θ) = loss_fn(model, batch_b),     Σ_b H_b v = Σ_b d/dε ∇ℓ_b(θ + εv) |_{ε=0}
 
-computed either forward-over-reverse (``fwd_rev``: ``torch.func.jvp`` of ``torch.func.grad`` of a
-``functional_call``) or by double backward (``double_backward``: ∇_θ (∇ℓ · v)). The loss is computed
-here from the logits in the working dtype (the model's own loss may upcast to fp32 only), so fp64 is
-fp64 throughout.
+``loss_fn(model, batch) -> scalar`` is any differentiable function that calls ``model(...)``; the default,
+``token_cross_entropy``, is the mean token cross-entropy of ``model(x)`` (or of its first output) against
+y. ``HVP`` returns *sums* over its batches; ``rayexp.hessian.operator.Operator`` divides by the number of
+batches over all shards. Modes (``MODES``):
+
+- ``cached``: the first-order graph of every batch is built once (∇ℓ_b with ``create_graph``) and each
+  product is one backward pass through it (PyHessian's way): fastest, most memory;
+- ``double_backward``: ∇_θ (∇ℓ_b · v) from a fresh forward and backward per product;
+- ``fwd_rev``: ``torch.func.jvp`` of ``torch.func.grad``; several vectors at once with ``vmap``;
+- ``fd``: the central difference (∇L(θ + εv) − ∇L(θ − εv)) / 2ε, ε = ∛eps·(1 + ‖θ‖)/‖v‖ (arXiv
+  2602.00816): gradients only, so any engine that computes gradients can provide it.
+
+Precision (``DTYPES``): ``fp64`` (the exact mode), ``fp32`` (strict: TF32 off), ``tf32`` (fp32 storage,
+TF32 matrix products on Ampere+). Attention: products run with the math SDPA kernel forced, which is
+exact and twice differentiable, so ``sdpa`` models work as well as ``naive`` ones; dropout > 0 is refused.
 
 Vectors are flat: θ is the concatenation of ``model.named_parameters()`` (tied weights once), in that
 order. ``blocks`` names contiguous slices of it: one per parameter tensor, with GPT's fused attention
-``c_attn`` weight/bias split into Q, K and V (rows 0:C, C:2C, 2:3C; row-major, so slices stay contiguous).
-
-Models need exact, twice-differentiable forwards with no randomness: dropout > 0 or fused ``sdpa``
-attention are refused with a ConfigError (load checkpoints with ``attention="naive", dropout=0.0``).
+``c_attn`` weight/bias split into Q, K and V (rows 0:C, C:2C, 2C:3C; row-major, so slices stay contiguous).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_map
 
 from rayexp.config import ConfigError
+from rayexp.hessian.operator import Block
 
-MODES = ("fwd_rev", "double_backward")
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+MODES = ("cached", "double_backward", "fwd_rev", "fd")
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp64": torch.float64}
+LossFn = Callable[[Any, Any], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Block:
-    """A named contiguous slice ``[start, stop)`` of the flat parameter vector (part of tensor ``param``)."""
-    name: str
-    param: str
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def slice(self) -> slice:
-        return slice(self.start, self.stop)
+def token_cross_entropy(model, batch) -> torch.Tensor:
+    """Mean token cross-entropy of ``model(x)`` (its first output if it returns a tuple) against ``y``."""
+    x, y = batch
+    out = model(x)
+    logits = out[0] if isinstance(out, (tuple, list)) else out
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
 
 def check_model(model: nn.Module) -> None:
-    """Raise ConfigError unless the model's forward is exact and deterministic (HVP-able)."""
+    """Raise ConfigError unless the model's forward is deterministic (dropout 0), so its Hessian exists."""
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "attention", "naive") != "naive":
-        raise ConfigError(f"model.attention={cfg.attention!r} has no double backward / forward-mode AD, so no "
-                          f"Hessian-vector products; allowed: naive (load_model(path, attention='naive'))")
     p = max([getattr(cfg, "dropout", 0.0) or 0.0] + [m.p for m in model.modules() if isinstance(m, nn.Dropout)])
     if p > 0:
         raise ConfigError(f"model.dropout={p} makes the loss random, so the Hessian is undefined; allowed: 0.0 "
@@ -77,63 +74,90 @@ def param_blocks(model: nn.Module, split_qkv: bool = True) -> list[Block]:
     return blocks
 
 
-def _as_batches(batches: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in batches]
-    if not out:
-        raise ValueError("HVP needs at least one (x, y) batch; got none")
-    return out
+class Bound:
+    """``model`` evaluated at parameters ``params``: calls go through ``functional_call``, ``parameters()`` and
+    ``named_parameters()`` yield ``params`` (so a loss may regularize them), other attributes are the model's."""
+
+    def __init__(self, model: nn.Module, params: dict, buffers: dict):
+        self._model, self._state = model, (params, buffers)
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._model, self._state, args, kwargs)
+
+    def parameters(self):
+        return iter(self._state[0].values())
+
+    def named_parameters(self):
+        return iter(self._state[0].items())
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _exact_kernels(dtype: str):
+    """Context of every product: the math SDPA kernel; TF32 on only for ``tf32``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    stack = contextlib.ExitStack()
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    if torch.cuda.is_available():
+        old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+        stack.callback(lambda: (setattr(torch.backends.cuda.matmul, "allow_tf32", old[0]),
+                                setattr(torch.backends.cudnn, "allow_tf32", old[1])))
+    return stack
 
 
 class HVP:
-    """The operator v ↦ Hv of the mean loss over ``batches`` (flat d-vectors), with a call counter.
+    """Σ_b H_b v, Σ_b ∇ℓ_b and Σ_b ℓ_b over ``batches`` (the products behind ``Operator``).
 
-    ``op(v)`` takes a flat tensor (any dtype/device) or numpy array and returns Hv in float64 on v's device
-    (numpy in, numpy out). ``op.count`` is the number of full Hessian-vector products computed.
-    """
+    ``theta_fn`` (parameter sharding) returns the full parameters for each product instead of a kept copy."""
 
-    def __init__(self, model: nn.Module, batches: Sequence, mode: str = "fwd_rev", dtype: str = "fp64",
-                 device: Optional[str | torch.device] = None, split_qkv: bool = True):
+    def __init__(self, model: nn.Module, batches: Sequence, loss_fn: Optional[LossFn] = None, mode: str = "cached",
+                 dtype: str = "fp64", device=None, split_qkv: bool = True, theta_fn: Optional[Callable] = None):
         check_model(model)
         if mode not in MODES:
             raise ConfigError(f"hessian.mode={mode!r} is unknown; allowed: {', '.join(MODES)}")
         if dtype not in DTYPES:
             raise ConfigError(f"hessian.dtype={dtype!r} is unknown; allowed: {', '.join(DTYPES)}")
+        if mode == "cached" and theta_fn is not None:
+            raise ConfigError("hessian.mode=cached keeps the whole model's graph, so it cannot shard parameters; "
+                              "allowed with shard=params: double_backward, fwd_rev, fd")
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
-        self.mode, self.dtype = mode, DTYPES[dtype]
-        self.model = model if first.device == self.device else copy.deepcopy(model).to(self.device)
+        self.mode, self.precision, self.work = mode, dtype, DTYPES[dtype]
+        self.model = copy.deepcopy(model).to(self.device) if first.device != self.device else model
         named = list(self.model.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [p.shape for _, p in named]
-        self.theta = {n: p.detach().to(self.dtype) for n, p in named}
-        self.buffers = {n: (b.to(self.dtype) if b.is_floating_point() else b)
-                        for n, b in self.model.named_buffers()}
-        self.blocks = param_blocks(self.model, split_qkv)
+        self.names, self.shapes = [n for n, _ in named], [p.shape for _, p in named]
         self.d = sum(p.numel() for _, p in named)
-        self.batches = [(x.to(self.device), y.to(self.device)) for x, y in _as_batches(batches)]
-        self.count = 0
+        self.blocks = param_blocks(self.model, split_qkv)
+        self.loss_fn = loss_fn or token_cross_entropy
+        cast = lambda t: t.to(self.device, self.work) if t.is_floating_point() else t.to(self.device)  # noqa: E731
+        self.buffers = {n: cast(b) for n, b in self.model.named_buffers()}
+        self.batches = [tree_map(lambda t: cast(t) if isinstance(t, torch.Tensor) else t, b) for b in batches]
+        self.batch_ids = list(range(len(self.batches)))  # global batch indices (a data shard's are a subset)
+        self.theta_fn = theta_fn
+        self.theta = None if theta_fn else {n: p.detach().to(self.work) for n, p in named}
+        self.graphs: Optional[list] = None
 
-    # -- views -------------------------------------------------------------------------------------
-    def with_batches(self, batches: Sequence) -> "HVP":
-        """The same operator (parameters, mode, dtype) over other batches; shares θ, resets the count."""
+    @property
+    def n_batches(self) -> int:
+        return len(self.batches)
+
+    def subset(self, batch_ids: Sequence[int]) -> "HVP":
+        """The same products over the batches with these global ids (those held here; none: zero)."""
         other = copy.copy(self)
-        other.batches = [(x.to(self.device), y.to(self.device)) for x, y in _as_batches(batches)]
-        other.count = 0
+        keep = [k for k, i in enumerate(self.batch_ids) if i in set(batch_ids)]
+        other.batches, other.batch_ids = [self.batches[k] for k in keep], [self.batch_ids[k] for k in keep]
+        if self.graphs is not None:
+            other.graphs = (self.graphs[0], [self.graphs[1][k] for k in keep])
         return other
 
-    def block(self, name: str) -> Block:
-        """The block called ``name``."""
-        for b in self.blocks:
-            if b.name == name:
-                return b
-        raise ValueError(f"unknown block {name!r}; allowed: {', '.join(b.name for b in self.blocks)}")
-
+    # -- flat vectors --------------------------------------------------------------------------------
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Flat (..., d) → {param name: (..., *shape)} views."""
-        out, k = {}, 0
-        lead = v.shape[:-1]
+        out, k, lead = {}, 0, v.shape[:-1]
         for n, s in zip(self.names, self.shapes):
-            size = int(np.prod(s)) if len(s) else 1
+            size = s.numel()
             out[n] = v[..., k:k + size].reshape(*lead, *s)
             k += size
         return out
@@ -142,96 +166,102 @@ class HVP:
         """{param name: (..., *shape)} → flat (..., d) (``lead`` leading batch dims)."""
         return torch.cat([tensors[n].reshape(*tensors[n].shape[:lead], -1) for n in self.names], dim=-1)
 
-    def params_flat(self) -> torch.Tensor:
-        """θ as a flat float64 vector."""
-        return self.flatten(self.theta).double()
+    def params(self) -> dict[str, torch.Tensor]:
+        """θ as {name: tensor} in the working dtype (gathered per call under parameter sharding)."""
+        if self.theta_fn is None:
+            return self.theta
+        return {n: t.to(self.work) for n, t in self.unflatten(self.theta_fn()).items()}
 
-    # -- loss, gradient, HVP -----------------------------------------------------------------------
-    def loss_fn(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """ℓ(θ; x, y): mean token cross-entropy of the model's logits, in the working dtype."""
-        logits = functional_call(self.model, (params, self.buffers), (x,))[0]
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).to(self.dtype), y.reshape(-1))
+    # -- loss and gradient ---------------------------------------------------------------------------
+    def _loss(self, params: dict, batch) -> torch.Tensor:
+        return self.loss_fn(Bound(self.model, params, self.buffers), batch)
 
-    def loss(self) -> float:
-        """L(θ) over the batches."""
-        with torch.no_grad():
-            return float(sum(self.loss_fn(self.theta, x, y) for x, y in self.batches) / len(self.batches))
+    def loss_sum(self) -> float:
+        """Σ_b ℓ_b(θ)."""
+        theta = self.params()
+        with torch.no_grad(), _exact_kernels(self.precision):
+            return float(sum(float(self._loss(theta, b)) for b in self.batches))
 
-    def grad(self) -> torch.Tensor:
-        """∇L(θ), flat float64."""
-        g = None
-        for x, y in self.batches:
-            gb = self.flatten(grad(self.loss_fn)(self.theta, x, y))
-            g = gb if g is None else g + gb
-        return (g / len(self.batches)).double()
+    def grad_sum(self, theta: Optional[dict] = None) -> torch.Tensor:
+        """Σ_b ∇ℓ_b(θ), flat in the working dtype."""
+        theta = self.params() if theta is None else theta
+        out = torch.zeros(self.d, dtype=self.work, device=self.device)
+        with _exact_kernels(self.precision):
+            for b in self.batches:
+                out += self.flatten(grad(self._loss)(theta, b))
+        return out
 
-    def _hvp_one(self, tangents: dict, x, y) -> dict:
-        if self.mode == "fwd_rev":
-            return jvp(lambda p: grad(self.loss_fn)(p, x, y), (self.theta,), (tangents,))[1]
-        params = {n: t.detach().requires_grad_() for n, t in self.theta.items()}
+    # -- products --------------------------------------------------------------------------------------
+    def hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
+        """Σ_b H_b vᵢ for each row vᵢ of V (n, d); rows of one call share a vmapped or batched pass."""
+        V = V.to(self.device, self.work)
+        theta = self.params() if self.mode != "cached" else None  # a collective under sharding: every rank
+        if not self.batches:
+            return torch.zeros_like(V)
+        with _exact_kernels(self.precision):
+            if self.mode == "fwd_rev":
+                return self._fwd_rev(V, theta)
+            if self.mode == "cached":
+                return self._cached(V)
+            if self.mode == "fd":
+                return torch.stack([self._fd(v, theta) for v in V])
+            return torch.stack([self._double_backward(v, theta) for v in V])
+
+    def _fwd_rev(self, V: torch.Tensor, theta: dict) -> torch.Tensor:
+        out = torch.zeros_like(V)
+        for b in self.batches:
+            one = lambda t: self.flatten(jvp(lambda p: grad(self._loss)(p, b), (theta,), (self.unflatten(t),))[1])  # noqa: E731
+            out += vmap(one)(V) if len(V) > 1 else one(V[0]).unsqueeze(0)
+        return out
+
+    def _double_backward(self, v: torch.Tensor, theta: dict) -> torch.Tensor:
+        theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
+        tangents, out = self.unflatten(v), torch.zeros_like(v)
         with torch.enable_grad():
-            gs = torch.autograd.grad(self.loss_fn(params, x, y), list(params.values()), create_graph=True)
-            dot = sum((g * tangents[n]).sum() for g, n in zip(gs, self.names))
-            hv = torch.autograd.grad(dot, list(params.values()), allow_unused=True)
-        return {n: (h if h is not None else torch.zeros_like(self.theta[n])).detach() for n, h in zip(self.names, hv)}
+            for b in self.batches:
+                gs = torch.autograd.grad(self._loss(theta, b), list(theta.values()), create_graph=True,
+                                         allow_unused=True, materialize_grads=True)
+                dot = sum((g * tangents[n]).sum() for g, n in zip(gs, self.names) if g.requires_grad)
+                if not torch.is_tensor(dot):  # a loss linear in θ: H = 0
+                    continue
+                hv = torch.autograd.grad(dot, list(theta.values()), allow_unused=True)
+                out += self.flatten({n: h if h is not None else torch.zeros_like(theta[n]) for n, h in zip(self.names, hv)})
+        return out
 
-    def _to_work(self, v) -> tuple[torch.Tensor, Callable]:
-        if isinstance(v, np.ndarray):
-            return torch.from_numpy(v).to(self.device, self.dtype), lambda r: r.double().cpu().numpy()
-        dev = v.device
-        return v.to(self.device, self.dtype), lambda r: r.double().to(dev)
+    def build_graphs(self) -> None:
+        """The first-order graphs of every batch, kept for ``cached`` products."""
+        leaves = {n: t.detach().requires_grad_() for n, t in self.params().items()}
+        with torch.enable_grad(), _exact_kernels(self.precision):
+            per_batch = [torch.autograd.grad(self._loss(leaves, b), list(leaves.values()), create_graph=True,
+                                             allow_unused=True, materialize_grads=True) for b in self.batches]
+        self.graphs = (leaves, per_batch)
 
-    def __call__(self, v) -> torch.Tensor | np.ndarray:
-        """Hv = (1/n) Σ_b H_b v for a flat d-vector v."""
-        w, back = self._to_work(v)
-        if w.shape != (self.d,):
-            raise ValueError(f"HVP expects a vector of length d={self.d}; got shape {tuple(w.shape)}")
-        tangents = self.unflatten(w)
-        out = None
-        for x, y in self.batches:
-            hb = self.flatten(self._hvp_one(tangents, x, y))
-            out = hb if out is None else out + hb
-        self.count += 1
-        return back(out / len(self.batches))
+    def _cached(self, V: torch.Tensor) -> torch.Tensor:
+        if self.graphs is None:
+            self.build_graphs()
+        leaves, per_batch = self.graphs
+        outs = [g for gs in per_batch for g in gs]
+        rows = []
+        for v in V:  # one backward through all batches' graphs: Σ_b H_b v
+            tangents = self.unflatten(v)
+            cot = [tangents[n] for _ in per_batch for n in self.names]
+            used = [(o, c) for o, c in zip(outs, cot) if o.requires_grad]
+            if not used:  # a loss linear in θ: H = 0
+                rows.append(torch.zeros_like(v))
+                continue
+            hv = torch.autograd.grad([o for o, _ in used], list(leaves.values()), [c for _, c in used],
+                                     retain_graph=True, allow_unused=True)
+            rows.append(self.flatten({n: h if h is not None else torch.zeros_like(leaves[n])
+                                      for n, h in zip(self.names, hv)}))
+        return torch.stack(rows)
 
-    def many(self, V, chunk: int = 0) -> torch.Tensor | np.ndarray:
-        """H V for the rows of V (n, d). ``fwd_rev`` batches rows with ``torch.func.vmap`` (``chunk`` rows
-        at a time, 0 = all); ``double_backward`` loops."""
-        W, back = self._to_work(V)
-        if self.mode != "fwd_rev":
-            return back(torch.stack([self(W[i]) for i in range(len(W))]))
-        out = torch.zeros_like(W)
-        step = chunk or len(W)
-        for x, y in self.batches:
-            f = vmap(lambda t: self.flatten(self._hvp_one(self.unflatten(t), x, y)))
-            for i in range(0, len(W), step):
-                out[i:i + step] += f(W[i:i + step])
-        self.count += len(W)
-        return back(out / len(self.batches))
+    def _fd(self, v: torch.Tensor, theta: dict) -> torch.Tensor:
+        flat = self.flatten(theta)
+        eps = torch.finfo(self.work).eps ** (1 / 3) * (1 + float(flat.norm())) / max(float(v.norm()), 1e-300)
+        plus = self.grad_sum(self.unflatten(flat + eps * v))
+        minus = self.grad_sum(self.unflatten(flat - eps * v))
+        return (plus - minus) / (2 * eps)
 
-    # -- blocks ------------------------------------------------------------------------------------
-    def block_matvec(self, block: Block) -> Callable:
-        """v_b ↦ H_bb v_b: the diagonal block's operator on vectors of length ``block.size``."""
-        def mv(vb):
-            w, back = self._to_work(vb)
-            full = torch.zeros(self.d, dtype=self.dtype, device=self.device)
-            full[block.slice] = w
-            return back(self(full)[block.slice])
-        return mv
-
-    def block_many(self, blocks: Sequence[Block], vs: Sequence, chunk: int = 0) -> list:
-        """[H_bb v_b for each (block, v_b)]: one vmapped product over block-supported tangents."""
-        V = torch.zeros(len(blocks), self.d, dtype=self.dtype, device=self.device)
-        for i, (b, vb) in enumerate(zip(blocks, vs)):
-            V[i, b.slice] = self._to_work(vb)[0]
-        HV = self.many(V, chunk)
-        outs = []
-        for i, (b, vb) in enumerate(zip(blocks, vs)):
-            r = HV[i, b.slice]
-            outs.append(r.cpu().numpy() if isinstance(vb, np.ndarray) else r.double().to(vb.device))
-        return outs
-
-
-def dense_hessian(op: HVP) -> torch.Tensor:
-    """The full d×d Hessian from d HVPs with basis vectors (small models only; float64)."""
-    return op.many(torch.eye(op.d, dtype=torch.float64, device=op.device), chunk=256).T.contiguous()
+    def free(self) -> None:
+        """Drop the cached graphs (memory)."""
+        self.graphs = None

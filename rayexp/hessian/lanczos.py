@@ -1,28 +1,38 @@
-"""Lanczos tridiagonalization (top-k Ritz values) and power iteration (PyHessian's baseline).
+"""Lanczos tridiagonalization and power iteration on a ``HessianOperator`` (docs/methods.md "Lanczos").
 
 Lanczos (Golub & Van Loan, Alg. 10.1.1) builds an orthonormal basis q_1..q_m of the Krylov space of
-(H, q_1) and the tridiagonal T = Qᵀ H Q with diagonal α_j = q_jᵀ H q_j and off-diagonal β_j:
+(H, q_1) and the tridiagonal T = Qᵀ H Q with α_j = q_jᵀ H q_j and
 
     w = H q_j − α_j q_j − β_{j−1} q_{j−1},   β_j = ‖w‖,   q_{j+1} = w / β_j.
 
-Its eigenvalues (Ritz values) approximate H's extreme eigenvalues. With ``reorth=True`` each w is
-re-orthogonalized against all previous q (classical Gram–Schmidt, twice), in float64, which keeps Q
-orthonormal and removes spurious copies of converged eigenvalues. The iteration stops early when
-β_j ≤ tol·‖T‖ (an invariant subspace: the Ritz values are then exact).
+Its eigenvalues (Ritz values) approximate H's extreme eigenvalues. ``REORTH`` says what keeps Q
+orthonormal in floating point:
 
-``matvec`` maps a float64 torch vector to H times it (same device), e.g. a ``hessian.hvp.HVP``.
+- ``none``: the three-term recurrence alone (seed 001's SLQ): 3 vectors per run, no basis;
+- ``full``: w re-orthogonalized against every kept q (classical Gram–Schmidt, twice);
+- ``selective`` (Parlett & Scott 1979): w orthogonalized only against the Ritz vectors y_i = Q s_i that
+  have converged, β_j |s_{j,i}| ≤ √eps ‖T‖ — the directions in which orthogonality is lost.
+
+A kept basis is stored in the product precision (fp32 for fp32 products) on ``basis_device`` (the
+operator's device, or the CPU when the memory plan says so). Several runs advance in lockstep, so that
+one ``products`` call (a vmapped or block-batched product) serves all of them and one ``op.reduce``
+(an all-reduce under parameter sharding) carries all their dot products. The iteration stops early when
+β_j ≤ tol·max(1, max|α|) (an invariant subspace: the Ritz values are then exact).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from rayexp.hessian.operator import HessianOperator, dot
 from rayexp.hessian.probes import probe
 
-Matvec = Callable[[torch.Tensor], torch.Tensor]
+REORTH = ("none", "full", "selective")
+WHICH = ("largest", "smallest", "both", "magnitude")
+Products = Callable[[Sequence[int], Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 
 
 @dataclass
@@ -44,123 +54,135 @@ class Tridiagonal:
         return lam, vecs[0] ** 2
 
 
-def lanczos(matvec: Matvec, v0: torch.Tensor, steps: int, reorth: bool = True, tol: float = 1e-10,
-            callback: Optional[Callable[[int], None]] = None) -> Tridiagonal:
-    """``steps`` Lanczos iterations of H from start vector ``v0`` (normalized here); returns T."""
-    q = (v0 / v0.norm()).to(torch.float64)
-    d = q.numel()
-    steps = min(steps, d)
-    Q = torch.empty(steps, d, dtype=torch.float64, device=q.device) if reorth else None
-    alpha, beta = [], []
-    q_prev, b_prev = torch.zeros_like(q), 0.0
-    for j in range(steps):
-        if reorth:
-            Q[j] = q
-        w = matvec(q).to(q)
-        a = float(w @ q)
-        w = w - a * q - b_prev * q_prev
-        if reorth:
-            for _ in range(2):
-                w = w - Q[:j + 1].T @ (Q[:j + 1] @ w)
-        alpha.append(a)
+class _Run:
+    """One Lanczos run's state: current q, previous q and β, the coefficients, and the kept basis."""
+
+    def __init__(self, q: torch.Tensor, steps: int, reorth: str, basis_dtype, basis_device):
+        self.q, self.q_prev, self.b_prev = q, torch.zeros_like(q), 0.0
+        self.steps, self.alpha, self.beta = steps, [], []
+        keep = reorth != "none"
+        self.Q = torch.empty(steps, q.numel(), dtype=basis_dtype, device=basis_device) if keep else None
+
+
+def _project(op: HessianOperator, run: _Run, w: torch.Tensor, j: int, reorth: str) -> torch.Tensor:
+    """w minus its component along the kept basis (full, twice) or the converged Ritz vectors (selective)."""
+    Q = run.Q[:j + 1]
+    coefs = lambda x: op.reduce((Q @ x.to(Q)).to(torch.float64))  # noqa: E731  Qᵀx over the whole vector
+    if reorth == "full":
+        for _ in range(2):
+            w = w - (Q.T @ coefs(w).to(Q)).to(w)
+        return w
+    lam, S = np.linalg.eigh(Tridiagonal(np.array(run.alpha), np.array(run.beta)).matrix())
+    beta = dot(op, w, w) ** 0.5
+    conv = beta * np.abs(S[-1]) <= np.sqrt(np.finfo(np.float64).eps) * max(float(np.abs(lam).max()), 1e-300)
+    if not conv.any():
+        return w
+    Sc = torch.from_numpy(S[:, conv]).to(Q.device)
+    return w - (Q.T @ (Sc @ (Sc.T @ coefs(w))).to(Q)).to(w)
+
+
+def lanczos_runs(op: HessianOperator, v0s: Sequence[torch.Tensor], steps: int, reorth: str = "full",
+                 products: Optional[Products] = None, basis_device=None, chunk: int = 0, tol: float = 1e-10,
+                 dims: Optional[Sequence[int]] = None, callback: Optional[Callable[[int], None]] = None,
+                 ) -> list[Tridiagonal]:
+    """Lanczos runs from start vectors ``v0s`` (parts in ``op.span``, normalized here) in lockstep.
+
+    ``products(ids, qs)`` returns H q for the runs ``ids`` (default ``op.matmat`` of the stacked qs, ``chunk``
+    runs per call, 0 = all); ``dims`` are the runs' whole dimensions (default ``op.d``), which cap their
+    steps. Returns each run's T."""
+    if reorth not in REORTH:
+        raise ValueError(f"reorth={reorth!r} is unknown; allowed: {', '.join(REORTH)}")
+    products = products or (lambda ids, qs: list(op.matmat(torch.stack(list(qs)))))
+    basis_dtype = torch.float32 if getattr(op, "precision", "fp64") != "fp64" else torch.float64
+    runs = []
+    for v, d in zip(v0s, dims or [op.d] * len(v0s)):
+        v = v.to(op.device, torch.float64)
+        runs.append(_Run(v / dot(op, v, v) ** 0.5, min(steps, d), reorth, basis_dtype, basis_device or op.device))
+    active, j = list(range(len(runs))), 0
+    while active:
+        step = chunk or len(active)
+        ws = []
+        for i in range(0, len(active), step):
+            ids = active[i:i + step]
+            ws += list(products(ids, [runs[k].q for k in ids]))
         if callback:
-            callback(j + 1)
-        b = float(w.norm())
-        if j == steps - 1 or b <= tol * max(1.0, max(abs(x) for x in alpha)):
-            break
-        beta.append(b)
-        q_prev, q, b_prev = q, w / b, b
-    return Tridiagonal(np.array(alpha), np.array(beta))
+            callback(len(active))
+        active = _advance(op, [runs[k] for k in active], ws, j, reorth, tol, active)
+        j += 1
+    return [Tridiagonal(np.array(r.alpha), np.array(r.beta)) for r in runs]
 
 
-def top_eigs(matvec: Matvec, d: int, k: int = 5, steps: int = 30, v0: Optional[torch.Tensor] = None,
-             seed: int = 0, reorth: bool = True, by: str = "algebraic", device=None,
-             callback: Optional[Callable[[int], None]] = None) -> np.ndarray:
-    """The k largest Ritz values of H (``by='algebraic'``) or the k of largest magnitude (``'magnitude'``,
-    what seed 000 reports as the top eigenvalue), descending. ``v0`` defaults to a random Gaussian;
-    seed 000 starts from the normalized mean gradient."""
+def _advance(op, runs: list[_Run], ws: list[torch.Tensor], j: int, reorth: str, tol: float, ids: list[int]) -> list[int]:
+    """One Lanczos step of every active run from its product w = H q; returns the runs still active."""
+    alphas = op.reduce(torch.stack([(w.to(r.q) * r.q).sum() for r, w in zip(runs, ws)]))
+    new_ws = []
+    for r, w, a in zip(runs, ws, alphas.tolist()):
+        if r.Q is not None:
+            r.Q[j] = r.q.to(r.Q)
+        w = w.to(r.q) - a * r.q - r.b_prev * r.q_prev
+        r.alpha.append(a)
+        new_ws.append(_project(op, r, w, j, reorth) if r.Q is not None else w)
+    norms = op.reduce(torch.stack([(w * w).sum() for w in new_ws])).clamp_min(0).sqrt().tolist()
+    still = []
+    for k, r, w, b in zip(ids, runs, new_ws, norms):
+        if len(r.alpha) >= r.steps or b <= tol * max(1.0, max(abs(x) for x in r.alpha)):
+            r.q = r.q_prev = None  # free the run's vectors
+            continue
+        r.beta.append(b)
+        r.q_prev, r.q, r.b_prev = r.q, w / b, b
+        still.append(k)
+    return still
+
+
+def lanczos(op: HessianOperator, v0: torch.Tensor, steps: int, reorth: str = "full", **kw) -> Tridiagonal:
+    """``steps`` Lanczos iterations of ``op`` from ``v0``; returns T."""
+    return lanczos_runs(op, [v0], steps, reorth, **kw)[0]
+
+
+def select(lam: np.ndarray, k: int, which: str = "largest"):
+    """The k Ritz values ``which`` asks for: largest (descending), smallest (ascending), largest |λ|
+    (``magnitude``, seed 000's top eigenvalue), or ``both`` as (largest, smallest)."""
+    if which not in WHICH:
+        raise ValueError(f"which={which!r} is unknown; allowed: {', '.join(WHICH)}")
+    if which == "both":
+        return select(lam, k, "largest"), select(lam, k, "smallest")
+    order = {"largest": -lam, "smallest": lam, "magnitude": -np.abs(lam)}[which]
+    return lam[np.argsort(order, kind="stable")[:k]]
+
+
+def top_eigs(op: HessianOperator, k: int = 5, steps: int = 30, which: str = "largest",
+             v0: Optional[torch.Tensor] = None, seed: int = 0, reorth: str = "full", **kw):
+    """Extreme eigenvalues of H by Lanczos (see ``select`` for ``which``). ``v0`` defaults to a Gaussian
+    probe keyed by ``seed``; seed 000 starts from the normalized mean gradient."""
     if v0 is None:
-        v0 = probe(d, "gaussian", seed, 0, kind="lanczos")
-    if device is not None:
-        v0 = v0.to(device)
-    lam, _ = lanczos(matvec, v0, steps, reorth=reorth, callback=callback).eig()
-    order = np.argsort(-np.abs(lam) if by == "magnitude" else -lam, kind="stable")
-    return lam[order[:k]]
+        v0 = probe(op.d, "gaussian", seed, 0, "lanczos", op.span)
+    lam, _ = lanczos(op, v0, steps, reorth, **kw).eig()
+    return select(lam, k, which)
 
 
-def power_iteration(matvec: Matvec, d: int, k: int = 1, iters: int = 100, tol: float = 1e-3, seed: int = 0,
-                    device=None) -> tuple[np.ndarray, int]:
+def power_iteration(op: HessianOperator, k: int = 1, iters: int = 100, tol: float = 1e-3, seed: int = 0,
+                    ) -> tuple[np.ndarray, int]:
     """PyHessian's top-k: power iteration with deflation against found eigenvectors, stopping when the
     Rayleigh quotient changes by < tol (relative). Returns (eigenvalues of largest magnitude, HVPs used)."""
     found: list[torch.Tensor] = []
     eigs, used = [], 0
     for i in range(k):
-        v = probe(d, "gaussian", seed, i, kind="power").to(device or "cpu")
+        v = probe(op.d, "gaussian", seed, i, "power", op.span, op.device)
         lam = None
         for _ in range(iters):
             for u in found:
-                v = v - (u @ v) * u
-            v = v / v.norm()
-            hv = matvec(v).to(v)
+                v = v - dot(op, u, v) * u
+            v = v / dot(op, v, v) ** 0.5
+            hv = op.matvec(v)
             used += 1
-            new = float(hv @ v)
+            new = dot(op, hv, v)
             v = hv
             if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-12):
                 lam = new
                 break
             lam = new
         for u in found:
-            v = v - (u @ v) * u
-        found.append(v / v.norm())
+            v = v - dot(op, u, v) * u
+        found.append(v / dot(op, v, v) ** 0.5)
         eigs.append(lam)
     return np.array(eigs), used
-
-
-def lanczos_batch(matvec_many: Callable[[list, list], list], v0s: list, steps: int, reorth: bool = True,
-                  tol: float = 1e-10, callback: Optional[Callable[[int], None]] = None) -> list[Tridiagonal]:
-    """Independent Lanczos runs in lockstep: step j of every unfinished run is one call of
-    ``matvec_many(ids, [q_i for i in ids]) -> [H_i q_i for i in ids]`` over the unfinished runs ``ids``
-    (e.g. one vmapped blockwise HVP). Same
-    recurrence and stopping rule as ``lanczos``; runs may have different dimensions."""
-    n = len(v0s)
-    qs = [(v / v.norm()).to(torch.float64) for v in v0s]
-    steps_i = [min(steps, q.numel()) for q in qs]
-    Qs = [torch.empty(s, q.numel(), dtype=torch.float64, device=q.device) if reorth else None
-          for s, q in zip(steps_i, qs)]
-    alpha, beta = [[] for _ in range(n)], [[] for _ in range(n)]
-    prev = [(torch.zeros_like(q), 0.0) for q in qs]
-    active = list(range(n))
-    j = 0
-    while active:
-        if reorth:
-            for i in active:
-                Qs[i][j] = qs[i]
-        ws = matvec_many(active, [qs[i] for i in active])
-        if callback:
-            callback(len(active))
-        still = []
-        for i, w in zip(active, ws):
-            q, (q_prev, b_prev) = qs[i], prev[i]
-            w = w.to(q)
-            a = float(w @ q)
-            w = w - a * q - b_prev * q_prev
-            if reorth:
-                for _ in range(2):
-                    w = w - Qs[i][:j + 1].T @ (Qs[i][:j + 1] @ w)
-            alpha[i].append(a)
-            b = float(w.norm())
-            if j == steps_i[i] - 1 or b <= tol * max(1.0, max(abs(x) for x in alpha[i])):
-                continue
-            beta[i].append(b)
-            prev[i], qs[i] = (q, b), w / b
-            still.append(i)
-        active, j = still, j + 1
-    return [Tridiagonal(np.array(a), np.array(b)) for a, b in zip(alpha, beta)]
-
-
-def numpy_matvec(fn: Callable[[np.ndarray], np.ndarray]) -> Matvec:
-    """Adapt a numpy operator (e.g. ``rayexp.hessian.jax_backend.jax_hvp_fn(model, batches)``) to the torch
-    float64 vectors every estimator here passes."""
-    def mv(v: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(fn(v.detach().cpu().numpy()), dtype=np.float64)).to(v.device)
-    return mv

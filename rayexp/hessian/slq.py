@@ -8,8 +8,8 @@ degree < 2m). Averaging over n_v probes (Ghorbani et al. 2019, Eq. 7; arXiv 2402
 
 Defaults follow seed 001: σ² = 1e-5, a 50,000-point grid from mean(min λ) − 1 to mean(max λ) + 1,
 density renormalized to integrate to 1. **Blockwise**: the same for each diagonal block H_bb (probe
-supported on block b, keep block b of Hv). All block×probe Lanczos runs advance in lockstep, each step
-one ``HVP.block_many`` (vmap over block-supported tangents), instead of one HVP per block per step.
+supported on block b, keep block b of Hv). The block×probe Lanczos runs advance in lockstep, ``chunk`` of
+them sharing one product (vmapped over block-supported tangents where the products allow).
 
 **Heterogeneity** (JS₀ of arXiv 2402.16788, Sec. 3.3): the average pairwise Jensen–Shannon distance
 between blockwise densities, evaluated on one common grid; JS distance = sqrt(JS divergence) with natural
@@ -18,13 +18,13 @@ logs (scipy.spatial.distance.jensenshannon's convention), so it lies in [0, sqrt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from rayexp.hessian.hvp import HVP, Block
-from rayexp.hessian.lanczos import Tridiagonal, lanczos, lanczos_batch
+from rayexp.hessian.lanczos import Tridiagonal, lanczos_runs
+from rayexp.hessian.operator import Block, HessianOperator, block_products
 from rayexp.hessian.probes import probe
 
 SIGMA2 = 1e-5
@@ -81,40 +81,33 @@ class Quadrature:
         return grid, phi / area if area > 0 else phi
 
 
-def slq(matvec: Callable, d: int, probes: int = 10, steps: int = 100, seed: int = 0,
-        indices: Optional[Sequence[int]] = None, reorth: bool = True, device=None, kind: str = "slq",
-        batched: bool = True, chunk: int = 0, callback: Optional[Callable[[int], None]] = None) -> Quadrature:
-    """SLQ of H: probes ``indices`` (default 0..probes−1), probe i = normalized Gaussian keyed by (seed, i).
+def slq(op: HessianOperator, probes: int = 10, steps: int = 100, seed: int = 0,
+        indices: Optional[Sequence[int]] = None, reorth: str = "none", chunk: int = 1, **kw) -> Quadrature:
+    """SLQ of H: probes ``indices`` (default 0..probes−1), probe i = Gaussian keyed by (seed, i), normalized.
 
-    With an ``HVP`` operator and ``batched``, the probes' Lanczos runs advance in lockstep (one vmapped
-    ``op.many`` per step); any other ``matvec`` runs them one after another."""
-    indices = range(probes) if indices is None else indices
-    device = getattr(matvec, "device", device) or "cpu"
-    v0s = [probe(d, "gaussian", seed, i, kind).to(device) for i in indices]
-    if batched and isinstance(matvec, HVP) and matvec.mode == "fwd_rev":
-        tris = lanczos_batch(lambda ids, qs: list(matvec.many(torch.stack(qs), chunk)), v0s, steps, reorth,
-                             callback=callback)
-    else:
-        tris = [lanczos(matvec, v0, steps, reorth, callback=callback) for v0 in v0s]
+    ``chunk`` probes advance in lockstep (one ``op.matmat`` per step for all of them); the memory plan
+    sizes it (``rayexp.hessian.tasks``)."""
+    indices = list(range(probes) if indices is None else indices)
+    tris = []
+    for i in range(0, len(indices), max(chunk, 1)):
+        v0s = [probe(op.d, "gaussian", seed, k, "slq", op.span) for k in indices[i:i + max(chunk, 1)]]
+        tris += lanczos_runs(op, v0s, steps, reorth, **kw)
     return Quadrature.from_tridiagonals(tris)
 
 
-def slq_blocks(op: HVP, blocks: Sequence[Block], probes: int = 10, steps: int = 100, seed: int = 0,
-               indices: Optional[Sequence[int]] = None, reorth: bool = True, batched: bool = True,
-               chunk: int = 0, callback: Optional[Callable[[int], None]] = None) -> dict[str, Quadrature]:
+def slq_blocks(op: HessianOperator, blocks: Sequence[Block], probes: int = 10, steps: int = 100, seed: int = 0,
+               indices: Optional[Sequence[int]] = None, reorth: str = "none", chunk: int = 0,
+               **kw) -> dict[str, Quadrature]:
     """SLQ of every diagonal block H_bb; probe i of block b is keyed by (seed, 'slq/<block name>', i).
 
-    ``batched``: all (block, probe) Lanczos runs in lockstep, one vmapped ``op.block_many`` per step
-    (``chunk`` tangents per vmap call, 0 = all); else one HVP per block per probe per step (the seed's way).
-    """
+    The (block, probe) Lanczos runs advance in lockstep, ``chunk`` of them sharing one product (0 = all):
+    each product embeds the runs' block-supported vectors and applies H once (vmapped where possible)."""
     indices = list(range(probes) if indices is None else indices)
-    runs = [(b, i) for b in blocks for i in indices]
-    v0s = [probe(b.size, "gaussian", seed, i, f"slq/{b.name}").to(op.device) for b, i in runs]
-    if batched:
-        tris = lanczos_batch(lambda ids, qs: op.block_many([runs[i][0] for i in ids], qs, chunk),
-                             v0s, steps, reorth, callback=callback)
-    else:
-        tris = [lanczos(op.block_matvec(b), v0, steps, reorth, callback=callback) for (b, _), v0 in zip(runs, v0s)]
+    views, products = block_products(op, blocks)
+    runs = [(k, i) for k in range(len(blocks)) for i in indices]
+    v0s = [probe(blocks[k].size, "gaussian", seed, i, f"slq/{blocks[k].name}", views[k].span) for k, i in runs]
+    tris = lanczos_runs(op, v0s, steps, reorth, products=lambda ids, qs: products([runs[i][0] for i in ids], qs),
+                        chunk=chunk, dims=[blocks[k].size for k, _ in runs], **kw)
     n = len(indices)
     return {b.name: Quadrature.from_tridiagonals(tris[k * n:(k + 1) * n]) for k, b in enumerate(blocks)}
 

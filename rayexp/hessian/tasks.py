@@ -1,0 +1,194 @@
+"""The curvature tasks: name → what it computes, how many Hessian-vector products it needs and how many
+d-vectors it keeps (docs/methods.md "Tasks"). ``analyze``, the CLI's help and the memory plan read this
+registry; ``rayexp.config.HESSIAN_TASKS`` lists the same names (config cannot import this package).
+
+Every ``run(ctx)`` sees only ``ctx.op`` (a ``HessianOperator``), the config and the plan, and writes scalar
+``metrics`` and ``arrays``; the same code runs in one process or SPMD on every actor of a group.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from rayexp.config import HESSIAN_TASKS, ConfigError
+from rayexp.hessian import estimators as est
+from rayexp.hessian.lanczos import lanczos, select
+from rayexp.hessian.operator import Block, dot
+from rayexp.hessian.slq import block_densities, slq, slq_blocks
+
+
+@dataclass
+class Context:
+    """What a task run sees: the operator, the config, the block selections, the plan, and the outputs."""
+    op: object
+    cfg: object
+    slq_blocks: list[Block]
+    curv_blocks: list[Block]
+    chunk: dict = field(default_factory=dict)  # task → vectors per product call
+    basis_device: dict = field(default_factory=dict)  # task → where a kept Lanczos basis lives
+    store: Optional[torch.device] = None  # where the 1-1 norm's per-row samples live
+    metrics: dict = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    help: str
+    run: Callable[[Context], None]
+    hvps: Callable[[object, dict], int]  # (cfg, sizes) → products
+    vectors: Callable[[object, dict], float]  # (cfg, sizes) → d-vectors of 8 bytes kept at once (per chunk 1)
+
+
+TASKS: dict[str, Task] = {}
+
+
+def task(name: str, help: str, hvps, vectors):
+    """Register ``run`` as the task ``name``."""
+    def wrap(run):
+        TASKS[name] = Task(name, help, run, hvps, vectors)
+        return run
+    return wrap
+
+
+def _basis(cfg, name: str, steps: int) -> float:
+    """d-vectors (of 8 bytes) a Lanczos basis of ``steps`` keeps: fp32 products keep it in fp32."""
+    return 0 if cfg.reorth[name] == "none" else steps * (0.5 if cfg.dtype != "fp64" else 1.0)
+
+
+# -- tasks ------------------------------------------------------------------------------------------
+@task("top_eigs", "extreme eigenvalues by Lanczos from the mean gradient (largest/smallest/both: hessian.which)",
+      hvps=lambda c, s: c.top_eigs_steps, vectors=lambda c, s: 4 + _basis(c, "top_eigs", c.top_eigs_steps))
+def _top_eigs(ctx: Context) -> None:
+    op, cfg = ctx.op, ctx.cfg
+    g = op.grad()
+    lam, _ = lanczos(op, g, cfg.top_eigs_steps, cfg.reorth["top_eigs"], basis_device=ctx.basis_device.get("top_eigs")).eig()
+    ends = {"largest": ["largest"], "smallest": ["smallest"], "both": ["largest", "smallest"]}[cfg.which]
+    for end in ends:
+        vals = select(lam, cfg.top_k, end)
+        key = "top_eig" if end == "largest" else "bottom_eig"
+        ctx.arrays[f"{key}s"] = vals
+        ctx.metrics.update({f"{key}/{i + 1}": float(x) for i, x in enumerate(vals)})
+    ctx.metrics.update(lambda_max=float(lam[-1]), lambda_min=float(lam[0]),
+                       lambda_max_abs=float(select(lam, 1, "magnitude")[0]), grad_norm=dot(op, g, g) ** 0.5)
+
+
+@task("slq", "spectral density by stochastic Lanczos quadrature (hessian.probes × hessian.slq_steps)",
+      hvps=lambda c, s: c.probes * c.slq_steps, vectors=lambda c, s: 3 + _basis(c, "slq", c.slq_steps))
+def _slq(ctx: Context) -> None:
+    cfg = ctx.cfg
+    q = slq(ctx.op, cfg.probes, cfg.slq_steps, cfg.seed, reorth=cfg.reorth["slq"], chunk=ctx.chunk.get("slq", 1),
+            basis_device=ctx.basis_device.get("slq"))
+    grid, phi = q.density(np.linspace(*q.range(), cfg.grid_points), cfg.slq_sigma2)
+    ctx.arrays.update(slq_nodes=q.nodes, slq_weights=q.weights, slq_grid=grid, slq_density=phi)
+    ctx.metrics.update(slq_moment1=q.moment(1), slq_moment2=q.moment(2), slq_min=float(q.nodes.min()),
+                       slq_max=float(q.nodes.max()))
+
+
+@task("slq_blocks", "SLQ density of each diagonal block H_bb and their Jensen-Shannon heterogeneity",
+      hvps=lambda c, s: s["slq_blocks"] * c.probes * c.slq_steps,
+      vectors=lambda c, s: 3 + _basis(c, "slq_blocks", c.slq_steps))
+def _slq_blocks(ctx: Context) -> None:
+    cfg = ctx.cfg
+    quads = slq_blocks(ctx.op, ctx.slq_blocks, cfg.probes, cfg.slq_steps, cfg.seed, reorth=cfg.reorth["slq_blocks"],
+                       chunk=ctx.chunk.get("slq_blocks", 1), basis_device=ctx.basis_device.get("slq_blocks"))
+    grid, dens, mat, het = block_densities(quads, cfg.slq_sigma2, cfg.grid_points)
+    ctx.arrays.update(block_names=np.array(list(quads)), block_grid=grid, block_densities=dens, js_matrix=mat,
+                      block_nodes=_stack_padded([q.nodes for q in quads.values()]),
+                      block_weights=_stack_padded([q.weights for q in quads.values()]))
+    ctx.metrics["js_heterogeneity"] = het
+    ctx.metrics.update({f"block_moment1/{n}": q.moment(1) for n, q in quads.items()})
+
+
+def _hutchinson(ctx: Context) -> None:
+    if "hutchinson" in ctx.cache:
+        return
+    cfg = ctx.cfg
+    s = est.summarize_samples(est.rademacher_samples(ctx.op, cfg.hutchinson_probes, cfg.seed,
+                                                     diag="diag" in cfg.tasks, chunk=ctx.chunk.get("trace", 1)))
+    ctx.cache["hutchinson"] = s
+    ctx.metrics.update(hutchinson_trace=s["trace"], hutchinson_trace_se=s["trace_se"], frobenius=s["frobenius"],
+                       frobenius_sq=s["frobenius_sq"], frobenius_sq_se=s["frobenius_sq_se"])
+    if "diag" in s:
+        ctx.arrays["hutchinson_diag"] = est.assemble(ctx.op, s["diag"]).cpu().numpy()
+
+
+_HUTCH = dict(hvps=lambda c, s: c.hutchinson_probes, vectors=lambda c, s: 3)
+task("trace", "tr H by Hutchinson (hessian.hutchinson_probes Rademacher products; shared with diag/frobenius)",
+     **_HUTCH)(_hutchinson)
+task("diag", "diag H by Hutchinson (same products as trace)", **_HUTCH)(_hutchinson)
+task("frobenius", "‖H‖_F and ‖H‖_F² = E‖Hv‖² (same products as trace)", **_HUTCH)(_hutchinson)
+
+
+def _l11_hvps(c, s) -> int:
+    return c.cauchy_vectors * (2 if c.l11_rotation != "none" else 1) + c.l11_rows
+
+
+@task("l11", "‖H‖₁,₁ by Cauchy sketches (hessian.cauchy_vectors), per block, native and rotated basis",
+      hvps=_l11_hvps, vectors=lambda c, s: 3 + c.cauchy_vectors / 2)
+def _l11(ctx: Context) -> None:
+    op, cfg = ctx.op, ctx.cfg
+    variants = [("l11", op)] + ([("l11_rotated", op.rotated(cfg.l11_rotation, cfg.seed))]
+                                if cfg.l11_rotation != "none" else [])
+    for prefix, o in variants:
+        samples = est.cauchy_samples(o, cfg.cauchy_vectors, cfg.seed, ctx.chunk.get("l11", 1), ctx.store)
+        for method in est.L11_METHODS:
+            rows = est.assemble(op, torch.from_numpy(est.row_scales(samples, method)).to(op.device)).cpu().numpy()
+            name = prefix if method == cfg.l11_estimator else f"{prefix}_{method}"
+            ctx.arrays[f"{name}_rows"] = rows
+            ctx.metrics.update(est.l11_summary(rows, op.blocks, name) if name == prefix else
+                               {name: float(rows.sum()), f"{name}_over_d": float(rows.sum() / len(rows))})
+        op.count += o.count if o is not op else 0
+        del samples
+    if cfg.l11_rows:
+        ctx.metrics.update(est.l11_row_sample(op, cfg.l11_rows, cfg.seed, ctx.chunk.get("l11", 1)))
+
+
+@task("block_curvature", "seed 003's per-batch, per-block [λ_max(H_bb), ‖g_b‖] (hessian.curvature_steps)",
+      hvps=lambda c, s: s["batches"] * s["curv_blocks"] * c.curvature_steps, vectors=lambda c, s: 4)
+def _block_curvature(ctx: Context) -> None:
+    arr = est.block_curvature(ctx.op, ctx.curv_blocks, ctx.cfg.curvature_steps, ctx.cfg.seed,
+                              chunk=ctx.chunk.get("block_curvature", 0))
+    ctx.arrays.update(block_curvature=arr, block_curvature_names=np.array([b.name for b in ctx.curv_blocks]))
+    pos = arr[..., 0] > 0
+    corr = np.corrcoef(np.log10(arr[..., 0][pos]), np.log10(arr[..., 1][pos] + 1e-30))[0, 1] if pos.sum() > 2 else np.nan
+    ctx.metrics["curvature_gradnorm_logcorr"] = float(corr)
+
+
+@task("grad_heterogeneity", "spread of per-block gradient norms (std of log10 ‖g_b‖, max/min)",
+      hvps=lambda c, s: 0, vectors=lambda c, s: 1)
+def _grad_heterogeneity(ctx: Context) -> None:
+    norms = est.block_grad_norms(ctx.op, ctx.op.grad(), ctx.slq_blocks)
+    ctx.arrays.update(block_grad_norms=norms, block_grad_names=np.array([b.name for b in ctx.slq_blocks]))
+    ctx.metrics.update(est.grad_heterogeneity(norms))
+
+
+assert set(TASKS) == set(HESSIAN_TASKS), "rayexp.config.HESSIAN_TASKS and the registry must list the same tasks"
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def select_blocks(blocks: Sequence[Block], patterns: Optional[list[str]], default=None) -> list[Block]:
+    """Blocks whose names match any fnmatch pattern (None: ``default(blocks)`` or all)."""
+    if not patterns:
+        return list(default(blocks) if default else blocks)
+    chosen = [b for b in blocks if any(fnmatch.fnmatch(b.name, p) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"hessian.blocks={patterns} matches no block; blocks are e.g. "
+                          f"{', '.join(b.name for b in blocks[:6])}, ...")
+    return chosen
+
+
+def _stack_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack (n_v, m_b) arrays into (n_blocks, n_v, max m_b), zero-padded (zero weight = no node)."""
+    m = max(a.shape[1] for a in arrays)
+    return np.stack([np.pad(a, ((0, 0), (0, m - a.shape[1]))) for a in arrays])
+
+
+def task_help() -> str:
+    """One line per task, for ``--help``."""
+    return "\n".join(f"  {t.name:<19} {t.help}" for t in TASKS.values())
