@@ -16,6 +16,7 @@ results (rank 0's metrics and arrays) come back, never a vector per product. Pro
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 import time
@@ -34,7 +35,9 @@ def ensure_ray() -> bool:
     """Start a local Ray (or join ``RAY_ADDRESS``) unless one is running; returns whether we started it."""
     if ray.is_initialized():
         return False
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+    logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up lines (local instance, token notice)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False,
+             logging_level=logging.ERROR)
     return True
 
 
