@@ -37,7 +37,8 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from rayexp.config import ConfigError, param_label
+from rayexp.config import ConfigError
+from rayexp.spaces import param_label
 
 BANDS = ("std", "minmax")
 SKIP_PARAMS = ("seed", "name", "output_dir", "data.cache_dir", "tracking.uri", "tracking.experiment")

@@ -1,7 +1,8 @@
 """Experiment schema: defaults, overrides, and errors that name file, field, value and allowed values."""
 import pytest
 
-from rayexp.config import ConfigError, load_experiment, load_sweep, parse_override
+from rayexp.config import ConfigError, parse_override
+from rayexp.spaces import load_experiment, load_sweep
 
 
 def _write(tmp_path, text):

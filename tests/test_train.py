@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rayexp.config import load_experiment
+from rayexp.spaces import load_experiment
 from rayexp.train.checkpoint import load_model
 from rayexp.train.loop import lr_at, run_training
 
