@@ -12,7 +12,7 @@ import importlib
 import sys
 
 COMMANDS = {"sweep": "rayexp.sweep.__main__", "train": "rayexp.train.__main__", "hessian": "rayexp.hessian.__main__",
-            "report": "rayexp.report", "optim": "rayexp.optim.__main__"}
+            "report": "rayexp.report.__main__", "optim": "rayexp.optim.__main__"}
 
 
 def main(argv=None) -> int:
