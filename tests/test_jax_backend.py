@@ -1,17 +1,20 @@
 """JAX port of GPT-2 / TokenMLP / TokenCNN vs torch: logits, loss, gradient, HVP (torch.func and dense Hessian),
-Lanczos on the JAX operator vs on the torch one."""
-import jax
-import jax.numpy as jnp
+Lanczos on the JAX operator vs on the torch one. Skipped without the ``jax`` extra (``pip install .[jax]``)."""
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, jvp
 
-from rayexp.hessian import HVP, top_eigs
-from rayexp.hessian.jax_backend import arch, forward, jax_grad_fn, jax_hvp_fn, loss_fn, params_from_torch, x64
-from rayexp.hessian.lanczos import numpy_matvec
-from rayexp.models import GPT, ConvConfig, GPTConfig, TokenCNN, TokenMLP
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.func import functional_call, grad, jvp  # noqa: E402
+
+from rayexp.hessian import HVP, top_eigs  # noqa: E402
+from rayexp.hessian.jax_backend import (arch, forward, jax_grad_fn, jax_hvp_fn, loss_fn,  # noqa: E402
+                                        params_from_torch, x64)
+from rayexp.hessian.lanczos import numpy_matvec  # noqa: E402
+from rayexp.models import GPT, ConvConfig, GPTConfig, TokenCNN, TokenMLP  # noqa: E402
 
 V = 16
 
