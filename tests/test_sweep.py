@@ -191,3 +191,16 @@ output_dir: {in_tmp}/out
     assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
     parent = client.get_run(failed.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"
+
+
+def test_every_trial_of_a_config_is_one_seed_and_state_round_trips(tmp_path):
+    from rayexp.sweep.callback import SweepState
+    from rayexp.sweep.plan import trials_of
+    spec = load_sweep(ROOT / "sweeps" / "adam_vs_sgd.yaml")
+    trials = trials_of(spec, "x", {"optimizer.name": "sgd", "optimizer.sgd.lr": 0.3})
+    assert [t.seed for t in trials] == spec.seeds and len({t.key for t in trials}) == 2
+    assert all(t.index is None and t.exp.optimizer.lr == 0.3 for t in trials)
+    assert [t.key for t in plan(spec, "x")[6:]] == [t.key for t in trials]  # planned trials are the same runs
+    state = SweepState("r", "x", spec.raw, spec.source, str(tmp_path), "sqlite:///m.db", "e", "p")
+    state.save()
+    assert SweepState.load(state.path) == state
