@@ -11,7 +11,6 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from rayexp.config import ConfigError
 from rayexp.spaces import load_sweep
 from rayexp.sweep.__main__ import main
 from rayexp.sweep.plan import assignments, plan
