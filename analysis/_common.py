@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python analysis/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from rayexp.config import HessianConfig, SweepSpec  # noqa: E402
+from rayexp.config import HessianConfig  # noqa: E402
+from rayexp.spaces import SweepSpec  # noqa: E402
 
 SCALES = ("small", "gpt2-124m")
 
@@ -83,11 +83,11 @@ def setup(args, name: str, default_seeds: Sequence[int]) -> tuple[dict, Path, st
 
 
 def run_sweep(raw: dict) -> dict:
-    """Run the sweep ``raw`` with ``rayexp.sweep.run_sweep``; returns its state (uri, experiment,
-    parent_run_id) and summary rows, and shuts Ray down."""
+    """Run the sweep ``raw`` with ``rayexp.sweep.tune.run_sweep``; returns its state (a SweepState: uri,
+    experiment, parent_run_id), summary rows, error count and seconds, and shuts Ray down."""
     import ray
 
-    from rayexp.sweep import run_sweep as _run
+    from rayexp.sweep.tune import run_sweep as _run
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     t0 = time.perf_counter()
@@ -96,20 +96,17 @@ def run_sweep(raw: dict) -> dict:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    res["seconds"] = time.perf_counter() - t0
-    print(f"sweep {raw['name']}: {res['seconds']:.0f} s, parent run {res['state']['parent_run_id']}", flush=True)
-    if res["errors"]:
-        print(f"warning: {res['errors']} trial(s) raised; their configs count as missing in the verdict", flush=True)
-    return res
+    out = {"state": res.state, "summary": res.summary, "errors": res.errors, "seconds": time.perf_counter() - t0}
+    print(f"sweep {raw['name']}: {out['seconds']:.0f} s, parent run {res.state.parent_run_id}", flush=True)
+    if res.errors:
+        print(f"warning: {res.errors} trial(s) raised; their configs count as missing in the verdict", flush=True)
+    return out
 
 
 def child_runs(uri: str, parent_run_id: str) -> list:
     """MLflow child runs of a sweep (oldest first)."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    eid = client.get_run(parent_run_id).info.experiment_id
-    return client.search_runs([eid], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                              order_by=["start_time ASC"], max_results=10000)
+    from rayexp.tracking import sweep_children
+    return sweep_children(uri, parent_run_id)
 
 
 def pick(runs: list, **params) -> list:
@@ -119,13 +116,10 @@ def pick(runs: list, **params) -> list:
 
 
 def final_val(runs: list) -> tuple[float, float, int]:
-    """Mean, sample std (ddof=1) and count of ``final/val_loss`` over finished runs (diverged ⇒ inf)."""
-    vals = np.array([r.data.metrics.get("final/val_loss", math.inf)
-                     if r.data.tags.get("rayexp.status") in ("finished", "stopped") else math.inf for r in runs])
-    ok = vals[np.isfinite(vals)]
-    if not len(ok):
-        return math.inf, math.nan, 0
-    return float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok)
+    """Mean, sample std (ddof=1) and count of the final val losses of ``runs`` (diverged ⇒ inf), as the
+    sweep summary and the report compute them (``rayexp.tracking``)."""
+    from rayexp.tracking import final_val_loss, seed_stats
+    return seed_stats(final_val_loss(r.data.tags, r.data.metrics) for r in runs)
 
 
 def best_config(runs: list, key: str = "optimizer.lr", what: str = "") -> tuple[str, list]:
@@ -147,12 +141,13 @@ def hessian(uri: str, run, cfg: HessianConfig, out: Path) -> dict:
     """Curvature of a child run's final checkpoint (downloaded from MLflow), logged back to that run
     as ``hessian/*`` metrics and ``hessian/hessian.npz`` (``rayexp.hessian.analyze_checkpoint``)."""
     from rayexp.hessian import analyze_checkpoint
-    from rayexp.tracking import checkpoint_from_run
+    from rayexp.tracking import checkpoint_from_run, log_hessian_results
 
     t0 = time.perf_counter()
     path = checkpoint_from_run(run.info.run_id, uri)
-    results, _ = analyze_checkpoint(path, cfg, run_id=run.info.run_id, uri=uri,
-                                    out_dir=str(out / "hessian" / run.info.run_id[:8]), progress=False)
+    results, files = analyze_checkpoint(path, cfg, out_dir=str(out / "hessian" / run.info.run_id[:8]), progress=False,
+                                        title=run.info.run_name)
+    log_hessian_results(run.info.run_id, uri, results["metrics"], files)
     print(f"hessian {run.info.run_name}: {results['hvps']} HVPs, {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 

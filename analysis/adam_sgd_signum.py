@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     C.quiet_env()
     raw, out, uri = C.setup(args, "claim1_adam_sgd_signum", [0, 1])
     res = C.run_sweep(sweep_raw(raw, args.scale))
-    parent = res["state"]["parent_run_id"]
+    parent = res["state"].parent_run_id
     runs = C.child_runs(uri, parent)
     best = {}
     for opt in ("adamw", "sgd", "signum"):

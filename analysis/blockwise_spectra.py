@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     raw["model"]["kind"] = {"grid": ["gpt2", "cnn"]}
     raw["optimizer"] = {"name": "adamw", "lr": 3e-3 if args.scale == "small" else 6e-4, "weight_decay": 0.0}
     res = C.run_sweep(raw)
-    parent = res["state"]["parent_run_id"]
+    parent = res["state"].parent_run_id
     runs = C.child_runs(uri, parent)
     cfg = HessianConfig(tasks=["slq", "slq_blocks"], batches=2, batch_size=8 if args.scale == "small" else 4,
-                        probes=args.probes, lanczos_steps=args.lanczos_steps, grid_points=20_000, dtype="fp64",
+                        probes=args.probes, slq_steps=args.lanczos_steps, reorth="full", grid_points=20_000, dtype="fp64",
                         blocks=args.blocks)
     js = {}
     for kind in ("gpt2", "cnn"):

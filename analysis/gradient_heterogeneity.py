@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     raw["optimizer"] = {"name": {"grid": ["adamw", "sgd"]}, "weight_decay": 0.0,
                         "adamw": {"lr": {"grid": lrs[0]}}, "sgd": {"lr": {"grid": lrs[1]}, "momentum": 0.9}}
     res = C.run_sweep(raw)
-    parent = res["state"]["parent_run_id"]
+    parent = res["state"].parent_run_id
     runs = C.child_runs(uri, parent)
     cfg = HessianConfig(tasks=["grad_heterogeneity"], batches=4, batch_size=8 if args.scale == "small" else 4,
                         blocks=args.blocks)

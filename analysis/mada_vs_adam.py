@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     lr = 3e-3 if args.scale == "small" else 6e-4
     raw["optimizer"] = {"name": {"grid": ["adam", "mada"]}, "lr": lr, "betas": [0.9, 0.95], "weight_decay": 0.0}
     res = C.run_sweep(raw)
-    parent = res["state"]["parent_run_id"]
+    parent = res["state"].parent_run_id
     runs = C.child_runs(uri, parent)
     adam, mada = C.final_val(C.pick(runs, optimizer__name="adam")), C.final_val(C.pick(runs, optimizer__name="mada"))
     init = MadaConfig()

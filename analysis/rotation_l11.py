@@ -23,7 +23,7 @@ def main(argv=None) -> int:
                         "adamw": {"lr": lr["adamw"], "betas": [0.9, 0.95]}, "sgd": {"lr": lr["sgd"], "momentum": 0.9}}
     raw["rotation"] = {"kind": {"grid": ["none", "per_tensor"]}, "seed": 0}
     res = C.run_sweep(raw)
-    parent = res["state"]["parent_run_id"]
+    parent = res["state"].parent_run_id
     runs = C.child_runs(uri, parent)
     stats = {(o, k): C.final_val(C.pick(runs, optimizer__name=o, rotation__kind=k))
              for o in ("adamw", "sgd") for k in ("none", "per_tensor")}

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
                         "adam": {"lr": {"grid": lrs}, "betas": [0.9, 0.95], "granularity": {"grid": GRANS}},
                         "sgd": {"lr": {"grid": [0.1, 0.3]}, "momentum": 0.9}}
     res = C.run_sweep(raw)
-    parent = res["state"]["parent_run_id"]
+    parent = res["state"].parent_run_id
     runs = C.child_runs(uri, parent)
     best = {g: C.best_config(C.pick(runs, optimizer__name="adam", optimizer__granularity=g), what=f"adam/{g}")
             for g in GRANS}

@@ -4,7 +4,7 @@
 
 Two paths, each with ``resources.gpus_per_worker`` 0.25 then 1.0 (cpus_per_worker 1):
 
-- ``sweep``: ``rayexp.sweep.run_sweep`` on an 8-trial grid (adamw, 4 learning rates × 2 seeds), MLflow
+- ``sweep``: ``rayexp.sweep.tune.run_sweep`` on an 8-trial grid (adamw, 4 learning rates × 2 seeds), MLflow
   to a throwaway sqlite store; run in a subprocess with a time limit, so a hang is recorded as such.
 - ``tune``: the same 8 Experiments as Ray Tune trials whose trainable calls ``run_training`` in the trial
   process with resources ``{"CPU": 1, "GPU": g}`` (what a one-worker trial needs; no TorchTrainer).
@@ -42,12 +42,12 @@ def raw_sweep(gpus: float, steps: int, out: str) -> dict:
 
 SWEEP_CHILD = """
 import json, sys, time
-from rayexp.config import SweepSpec
-from rayexp.sweep import run_sweep
+from rayexp.spaces import SweepSpec
+from rayexp.sweep.tune import run_sweep
 raw = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 res = run_sweep(SweepSpec(raw, "benchmark"), quiet=True)
-rows = res["summary"]
+rows = res.summary
 print("RESULT " + json.dumps({"wall_s": time.perf_counter() - t0, "summary_rows": len(rows)}))
 """
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"sweep": "rayexp.sweep", "train": "rayexp.train.__main__", "hessian": "rayexp.hessian.__main__",
-            "report": "rayexp.report", "optim": "rayexp.optim.__main__"}
+COMMANDS = {"sweep": "rayexp.sweep.__main__", "train": "rayexp.train.__main__", "hessian": "rayexp.hessian.__main__",
+            "report": "rayexp.report.__main__", "optim": "rayexp.optim.__main__"}
 
 
 def main(argv=None) -> int:

@@ -1,21 +1,12 @@
-"""Experiment schema, YAML loading, search spaces and command-line overrides.
+"""The experiment schema (pydantic), every list of allowed values, and the raw mapping it validates.
 
-One YAML file describes an experiment and (optionally) its search space. Any scalar, or a list such
-as ``betas``, may be replaced by a *space*: a one-key mapping
-
-    {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {randint: [lo, hi]}
-
-Per-optimizer blocks give conditional spaces: inside ``optimizer:``, a key named after an optimizer
-(``adamw: {lr: ..., betas: ...}``) holds settings applied only when that optimizer is chosen.
-
-Everything is validated before Ray starts; errors name the file, the dotted field, the bad value and
-the allowed values. This module knows nothing of Ray, torch or MLflow.
+``Experiment`` is one run; ``SweepConfig`` is a sweep file: an Experiment plus ``seeds`` and ``search``.
+A raw mapping comes from a YAML file plus ``key=value`` overrides (``load_raw``). Search spaces and
+their resolution to concrete Experiments live in ``rayexp.spaces``. Errors name the file, the dotted
+field, the bad value and the allowed values. This module knows nothing of Ray, torch or MLflow.
 """
 from __future__ import annotations
 
-import copy
-import math
-import random
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -23,10 +14,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 OPTIMIZERS = ("sgd", "signum", "adam", "adamw", "mada")
-PRESETS = ("gpt2-tiny", "gpt2-mini", "gpt2-124m", "gpt2-350m")
-SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+PRESETS = ("gpt2-tiny", "gpt2-mini", "gpt2-124m", "gpt2-350m")  # sizes: rayexp.models.gpt2.PRESETS
+GRANULARITIES = ("coordinate", "row", "column", "tensor", "global")  # adam/adamw second moment shared over
+ROTATIONS = ("none", "per_tensor", "global", "eigenbasis")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_TASKS = ("bfs", "dfs")  # data.corpus task:NAME (rayexp.data.tasks)
+CORPORA = ("builtin", "text:PATH", "parquet:PATH", "hf:NAME[:CONFIG]") + tuple(f"task:{t}" for t in DATA_TASKS)
 HESSIAN_TASKS = ("top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobenius", "block_curvature",
                  "grad_heterogeneity")
+METRICS = ("val_loss", "train_loss")  # what a sweep can optimize
+MADA_COEFS = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
+MADA_RANGES = {"beta1": (0.01, 0.99), "beta2": (0.501, 0.99), "beta3": (0.0, 0.99), "rho": (0.0, 1.0),
+               "c": (0.0, 1.0), "gamma": (0.0, 1.0)}  # each coefficient is clamped to its range
 
 
 class ConfigError(ValueError):
@@ -39,7 +38,7 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     kind: Literal["gpt2", "cnn", "mlp"] = "gpt2"
-    preset: Optional[Literal["gpt2-tiny", "gpt2-mini", "gpt2-124m", "gpt2-350m"]] = "gpt2-tiny"
+    preset: Optional[Literal[PRESETS]] = "gpt2-tiny"
     n_layer: Optional[int] = Field(None, ge=1)
     n_head: Optional[int] = Field(None, ge=1)
     n_embd: Optional[int] = Field(None, ge=1)
@@ -66,9 +65,8 @@ class DataConfig(_Strict):
     @classmethod
     def _corpus_form(cls, v: str) -> str:
         head = v.split(":", 1)[0]
-        if v != "builtin" and head not in ("text", "parquet", "hf", "task"):
-            raise ValueError(f"unknown corpus {v!r}; allowed: builtin, text:PATH, parquet:PATH, "
-                             f"hf:NAME[:CONFIG], task:bfs, task:dfs")
+        if v != "builtin" and head not in {c.split(":")[0] for c in CORPORA}:
+            raise ValueError(f"unknown corpus {v!r}; allowed: {', '.join(CORPORA)}")
         if head != "builtin" and v != "builtin" and not v.split(":", 1)[1]:
             raise ValueError(f"corpus {v!r} needs a value after '{head}:'")
         return v
@@ -89,27 +87,28 @@ class TrainConfig(_Strict):
     diverge_factor: float = Field(10.0, gt=1.0)
     checkpoint_every: int = Field(0, ge=0)  # 0: checkpoint at each eval
     compile: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     log_block_grad_norms: bool = True
 
 
-MADA_COEFS = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
-MADA_RANGES = {"beta1": (0.01, 0.99), "beta2": (0.501, 0.99), "beta3": (0.0, 0.99), "rho": (0.0, 1.0),
-               "c": (0.0, 1.0), "gamma": (0.0, 1.0)}
+def _coef(name: str, default: float):
+    """A MADA coefficient field bounded by its MADA_RANGES entry."""
+    lo, hi = MADA_RANGES[name]
+    return Field(default, ge=lo, le=hi)
 
 
 class MadaConfig(_Strict):
-    """Initial MADA coefficients and their hyper learning rates (ALGORITHMS.md, MADA).
+    """Initial MADA coefficients and their hyper learning rates (docs/methods.md, "MADA").
 
     ``hyper_lr`` / ``hyper_momentum``: one number for all six coefficients, or a mapping from coefficient
     name to value (missing names get 0, i.e. the coefficient stays fixed / no momentum).
     """
-    beta1: float = Field(0.9, ge=0.01, le=0.99)
-    beta2: float = Field(0.95, ge=0.501, le=0.99)
-    beta3: float = Field(0.0, ge=0.0, le=0.99)
-    rho: float = Field(0.6, ge=0.0, le=1.0)
-    c: float = Field(1.0, ge=0.0, le=1.0)
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    beta1: float = _coef("beta1", 0.9)
+    beta2: float = _coef("beta2", 0.95)
+    beta3: float = _coef("beta3", 0.0)
+    rho: float = _coef("rho", 0.6)
+    c: float = _coef("c", 1.0)
+    gamma: float = _coef("gamma", 1.0)
     eps: float = Field(1e-6, gt=0.0)  # the seed's value; optimizer.eps is not used by mada
     hyper_lr: Union[float, dict[str, float]] = Field(
         default_factory=lambda: {"beta1": 1e-3, "beta2": 1e-3, "beta3": 1e-2, "rho": 1e-2, "c": 1e-2,
@@ -144,14 +143,14 @@ class OptimizerConfig(_Strict):
     ``granularity`` / ``freeze_v_after``: adam/adamw second moment shared over coordinate | row | column |
     tensor | global, and frozen after K steps.
     """
-    name: Literal["sgd", "signum", "adam", "adamw", "mada"] = "adamw"
+    name: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-3, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
-    granularity: Literal["coordinate", "row", "column", "tensor", "global"] = "coordinate"
+    granularity: Literal[GRANULARITIES] = "coordinate"
     freeze_v_after: Optional[int] = Field(None, ge=1)  # second moment frozen after K steps
     mada: MadaConfig = Field(default_factory=MadaConfig)
 
@@ -171,12 +170,12 @@ class OptimizerConfig(_Strict):
 
 
 class RotationConfig(_Strict):
-    """Run the optimizer in a rotated basis (rayexp.optim.rotation; ALGORITHMS.md, Rotations).
+    """Run the optimizer in a rotated basis (rayexp.optim.rotation; docs/methods.md, "Rotations").
 
     ``max_dim``: per_tensor/eigenbasis leave a matrix side longer than this unrotated (identity), so
     e.g. a 50k-row embedding gets only its column rotation; ``global`` refuses models over 20k params.
     """
-    kind: Literal["none", "per_tensor", "global", "eigenbasis"] = "none"
+    kind: Literal[ROTATIONS] = "none"
     seed: int = 0
     update_every: int = Field(10, ge=1)  # eigenbasis refresh period
     ema: float = Field(0.95, ge=0.0, lt=1.0)  # eigenbasis statistics EMA
@@ -206,9 +205,8 @@ class SearchConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        allowed = ("val_loss", "train_loss")
-        if v not in allowed:
-            raise ValueError(f"unknown metric {v!r}; allowed: {', '.join(allowed)}")
+        if v not in METRICS:
+            raise ValueError(f"unknown metric {v!r}; allowed: {', '.join(METRICS)}")
         return v
 
 
@@ -255,7 +253,7 @@ class HessianConfig(_Strict):
     (default: an equal share of what the cluster has, at most 1).
     """
     after_training: bool = False
-    tasks: list[Literal[HESSIAN_TASKS]] = Field(default_factory=lambda: ["top_eigs"])  # type: ignore[valid-type]
+    tasks: list[Literal[HESSIAN_TASKS]] = Field(default_factory=lambda: ["top_eigs"])
     batches: int = Field(4, ge=1)
     batch_size: Optional[int] = Field(None, ge=1)
     reduce: Literal["mean", "sum"] = "mean"
@@ -282,7 +280,7 @@ class HessianConfig(_Strict):
     l11_rows: int = Field(0, ge=0)
     curvature_steps: int = Field(20, ge=2)
     blocks: Optional[list[str]] = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
     seed: int = 0
 
     @field_validator("reorth", mode="before")
@@ -300,30 +298,19 @@ class HessianConfig(_Strict):
 
 
 class Experiment(_Strict):
-    """One fully specified run (a Tune trial is one Experiment with concrete values and one seed)."""
+    """One fully specified run: what ``run_training`` is given (a sweep hands on one per trial)."""
     name: str = "experiment"
     seed: int = 0
-    seeds: list[int] = Field(default_factory=lambda: [0])
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     rotation: RotationConfig = Field(default_factory=RotationConfig)
-    search: SearchConfig = Field(default_factory=SearchConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     hessian: HessianConfig = Field(default_factory=HessianConfig)
     output_dir: str = "out"
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        if not v:
-            raise ValueError("seeds must list at least one seed")
-        if len(set(v)) != len(v):
-            raise ValueError(f"seeds must be distinct; got {v}")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Experiment":
@@ -341,73 +328,26 @@ class Experiment(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+class SweepConfig(Experiment):
+    """A sweep file: the Experiment of every trial plus the sweep's own fields, which no run reads."""
+    seeds: list[int] = Field(default_factory=lambda: [0])  # each sampled config runs once per seed
+    search: SearchConfig = Field(default_factory=SearchConfig)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("seeds must list at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct; got {v}")
+        return v
+
+
+SWEEP_FIELDS = tuple(f for f in SweepConfig.model_fields if f not in Experiment.model_fields)
+
+
 # ----------------------------------------------------------------------------------------------------
-# search spaces
-
-
-class Space:
-    """A search-space node: ``kind`` in SPACE_KINDS and its argument list."""
-
-    def __init__(self, kind: str, args: list, where: str):
-        self.kind, self.args, self.where = kind, args, where
-        self._check()
-
-    def _check(self) -> None:
-        k, a, w = self.kind, self.args, self.where
-        if not isinstance(a, list) or not a:
-            raise ConfigError(f"{w}: {{{k}: ...}} needs a non-empty list; got {a!r}")
-        if k in ("uniform", "loguniform", "randint"):
-            if len(a) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in a):
-                raise ConfigError(f"{w}: {{{k}: [lo, hi]}} needs two numbers; got {a!r}")
-            lo, hi = a
-            if not lo < hi:
-                raise ConfigError(f"{w}: {{{k}: [lo, hi]}} needs lo < hi; got lo={lo}, hi={hi}")
-            if k == "loguniform" and lo <= 0:
-                raise ConfigError(f"{w}: {{loguniform: [lo, hi]}} needs lo > 0; got lo={lo}")
-            if k == "randint" and not all(isinstance(x, int) for x in a):
-                raise ConfigError(f"{w}: {{randint: [lo, hi]}} needs integers; got {a!r}")
-
-    def candidates(self) -> list:
-        """Values that represent the space for validation (all values, or the interval's ends)."""
-        if self.kind in ("grid", "choice"):
-            return list(self.args)
-        if self.kind == "randint":
-            return [self.args[0], self.args[1] - 1]
-        return list(self.args)
-
-    def sample(self, rng: random.Random) -> Any:
-        lo_hi = self.args
-        if self.kind in ("grid", "choice"):
-            return rng.choice(self.args)
-        if self.kind == "uniform":
-            return rng.uniform(*lo_hi)
-        if self.kind == "loguniform":
-            return math.exp(rng.uniform(math.log(lo_hi[0]), math.log(lo_hi[1])))
-        return rng.randrange(lo_hi[0], lo_hi[1])
-
-    def __repr__(self) -> str:
-        return f"{{{self.kind}: {self.args}}}"
-
-
-def _as_space(node: Any, where: str) -> Optional[Space]:
-    if isinstance(node, dict) and len(node) == 1:
-        (key, val), = node.items()
-        if key in SPACE_KINDS:
-            return Space(key, val, where)
-    return None
-
-
-def find_spaces(raw: dict, prefix: str = "") -> dict[str, Space]:
-    """All search spaces in a raw config, keyed by dotted path."""
-    out: dict[str, Space] = {}
-    for key, val in raw.items():
-        path = f"{prefix}{key}"
-        space = _as_space(val, path)
-        if space is not None:
-            out[path] = space
-        elif isinstance(val, dict):
-            out.update(find_spaces(val, path + "."))
-    return out
+# raw mappings
 
 
 def set_path(raw: dict, path: str, value: Any) -> None:
@@ -434,9 +374,9 @@ def get_path(raw: dict, path: str, default: Any = None) -> Any:
 # errors
 
 
-def _allowed_fields(loc: tuple) -> list[str]:
+def _allowed_fields(loc: tuple, schema: type) -> list[str]:
     """Field names accepted at ``loc`` (a pydantic error location ending in an unknown key)."""
-    cls: Any = Experiment
+    cls: Any = schema
     for part in loc[:-1]:
         fields = getattr(cls, "model_fields", None)
         if not fields or part not in fields:
@@ -446,12 +386,12 @@ def _allowed_fields(loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def _format_error(err: dict, source: str) -> str:
+def _format_error(err: dict, source: str, schema: type) -> str:
     loc = tuple(str(p) for p in err["loc"])
     field = ".".join(loc) or "(top level)"
     etype, value = err["type"], err.get("input")
     if etype == "extra_forbidden":
-        allowed = _allowed_fields(loc)
+        allowed = _allowed_fields(loc, schema)
         if loc[:1] == ("optimizer",) and len(loc) == 2:
             allowed = allowed + [f"{o} (per-optimizer block)" for o in OPTIMIZERS]
         return f"{source}: {field}: unknown field; allowed: {', '.join(allowed)}"
@@ -463,12 +403,13 @@ def _format_error(err: dict, source: str) -> str:
     return f"{source}: {msg}{shown}" if not loc else f"{source}: {field}: {msg}{shown}"
 
 
-def validate(raw: dict, source: str = "config") -> Experiment:
-    """Build an Experiment from a raw mapping (no spaces left), or raise ConfigError naming the field."""
+def validate(raw: dict, source: str = "config", schema: type = Experiment):
+    """Build an Experiment (or another ``schema``) from a raw mapping without spaces, or raise ConfigError
+    naming the field."""
     try:
-        return Experiment.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(_format_error(err, source) for err in e.errors())) from None
+        raise ConfigError("\n".join(_format_error(err, source, schema) for err in e.errors())) from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -526,110 +467,3 @@ def load_raw(path: Union[str, Path, None], overrides: list[str] = ()) -> dict:
     return raw
 
 
-class SweepSpec:
-    """A sweep: a raw config with search spaces, the seeds, and how to resolve concrete trials.
-
-    ``spaces`` maps dotted paths to Space objects; paths inside per-optimizer blocks look like
-    ``optimizer.adamw.lr`` and apply only when that optimizer is chosen.
-    """
-
-    def __init__(self, raw: dict, source: str = "config"):
-        self.raw, self.source = raw, source
-        try:
-            self.spaces = find_spaces(raw)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        base = validate(self._first_assignment_raw(), source)
-        self.name, self.seeds, self.search = base.name, base.seeds, base.search
-        self.base = base
-        self._validate_all()
-
-    # the optimizer names this sweep can pick
-    def optimizer_names(self) -> list[str]:
-        sp = self.spaces.get("optimizer.name")
-        return sp.candidates() if sp else [get_path(self.raw, "optimizer.name", OptimizerConfig().name)]
-
-    def active_spaces(self, optimizer: str) -> dict[str, Space]:
-        """Spaces that matter when ``optimizer`` is chosen (other optimizers' blocks dropped)."""
-        out = {}
-        for path, sp in self.spaces.items():
-            parts = path.split(".")
-            if parts[0] == "optimizer" and len(parts) > 2 and parts[1] in OPTIMIZERS:
-                if parts[1] != optimizer:
-                    continue
-            out[path] = sp
-        return out
-
-    def resolve(self, assignment: dict[str, Any], seed: Optional[int] = None) -> Experiment:
-        """The concrete Experiment for values of the spaces (missing ones take their first candidate)."""
-        raw = copy.deepcopy(self.raw)
-        for path, sp in self.spaces.items():
-            set_path(raw, path, assignment.get(path, sp.candidates()[0]))
-        opt = raw.setdefault("optimizer", {})
-        chosen = opt.get("name", OptimizerConfig().name)
-        for name in OPTIMIZERS:
-            block = opt.pop(name, None)
-            if name == chosen and block:
-                if not isinstance(block, dict):
-                    raise ConfigError(f"{self.source}: optimizer.{name}: a per-optimizer block must be a mapping")
-                opt.update(block)
-        if seed is not None:
-            raw["seed"] = seed
-        elif "seeds" in raw and isinstance(raw["seeds"], list) and raw["seeds"]:
-            raw.setdefault("seed", raw["seeds"][0])
-        return validate(raw, self.source)
-
-    def _first_assignment_raw(self) -> dict:
-        raw = copy.deepcopy(self.raw)
-        for path, sp in self.spaces.items():
-            set_path(raw, path, sp.candidates()[0])
-        opt = raw.get("optimizer", {})
-        if isinstance(opt, dict):
-            for name in OPTIMIZERS:
-                opt.pop(name, None)
-        return raw
-
-    def _validate_all(self) -> None:
-        """Every candidate value of every space must give a valid Experiment."""
-        for name in self.optimizer_names():
-            active = self.active_spaces(name)
-            self.resolve({"optimizer.name": name} if "optimizer.name" in self.spaces else {})
-            for path, sp in active.items():
-                for value in sp.candidates():
-                    try:
-                        self.resolve({"optimizer.name": name, path: value})
-                    except ConfigError as e:
-                        raise ConfigError(f"{e} [from {path}: {sp!r}]") from None
-        if self.search.algorithm == "grid":
-            bad = [p for p, s in self.spaces.items() if s.kind not in ("grid", "choice")]
-            if bad:
-                raise ConfigError(f"{self.source}: search.algorithm: 'grid' cannot sample {', '.join(bad)}; "
-                                  f"allowed: random, optuna (or make them {{grid: [...]}})")
-
-    def experiment(self) -> Experiment:
-        """The single Experiment of a file without spaces (for ``python -m rayexp.train``)."""
-        if self.spaces:
-            raise ConfigError(f"{self.source}: has search spaces ({', '.join(self.spaces)}); fix them with "
-                              f"overrides (e.g. {next(iter(self.spaces))}=VALUE) or run it with rayexp.sweep")
-        return self.resolve({})
-
-
-def load_sweep(path: Union[str, Path, None], overrides: list[str] = ()) -> SweepSpec:
-    """Load and fully validate a sweep file; raises ConfigError before anything starts."""
-    source = str(path) if path is not None else "defaults"
-    return SweepSpec(load_raw(path, overrides), source)
-
-
-def load_experiment(path: Union[str, Path, None], overrides: list[str] = ()) -> Experiment:
-    """Load a single-run config (no search spaces after overrides)."""
-    return load_sweep(path, overrides).experiment()
-
-
-def param_label(param: str, value) -> str:
-    """Short name of one swept setting: ``lr=0.003`` for optimizer.lr, ``rotation=per_tensor`` for
-    rotation.kind, the bare value for optimizer.name and model.kind."""
-    if param in ("optimizer.name", "model.kind"):
-        return str(value)
-    parts = param.split(".")
-    name = parts[-2] if parts[-1] in ("kind", "name") and len(parts) > 1 else parts[-1]
-    return f"{name}={value}"

@@ -1,29 +1,42 @@
-"""MLflow conventions: where runs go, how they are named and found again.
+"""MLflow conventions: where runs go, how they are tagged, found again and summarized.
 
 - Store: ``tracking.uri`` or, when unset, ``sqlite:///<cwd>/mlflow.db`` (no server needed).
-- A sweep is one *parent* run (tag ``rayexp.sweep_key``); each trial × seed is a *child* run
-  (tag ``rayexp.trial_key``, ``mlflow.parentRunId``). Runs are found by these tags before being
-  created, so a resumed sweep or a retried trial never duplicates a run.
+- A sweep is one *parent* run (tag SWEEP_KEY_TAG); each trial × seed is a *child* run (TRIAL_KEY_TAG,
+  PARENT_TAG). Runs are found by these tags before being created, so a resumed sweep or a retried
+  trial never duplicates a run.
 - Params: the resolved Experiment flattened to dotted names (``optimizer.lr``). Metrics: per step.
   Artifacts: ``config.yaml``, the final ``checkpoint/``, Hessian results under ``hessian/``.
-- Tags: ``rayexp.optimizer``, ``rayexp.seed``, ``rayexp.git_commit``, ``rayexp.status``
-  (finished | stopped | diverged | failed).
+- Tags: the ``*_TAG`` constants below, the only place they are spelled; STATUS_TAG takes a value of
+  STATUSES.
+- The best config of a series (``best_per_series``) is what the sweep summary and the report show.
 """
 from __future__ import annotations
 
 import math
 import subprocess
+from dataclasses import dataclass, field
 import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Optional
 
-from mlflow.entities import Metric, Param, RunTag
+import numpy as np
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from rayexp.config import Experiment
 
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under their parent
+KIND_TAG = "rayexp.kind"  # "sweep" (parent run) | "trial" (child run)
+SWEEP_KEY_TAG = "rayexp.sweep_key"  # one sweep instance; on the parent run and on its children
+TRIAL_KEY_TAG = "rayexp.trial_key"  # one config × seed of one sweep instance
+STATUS_TAG = "rayexp.status"  # a value of STATUSES
+OPTIMIZER_TAG = "rayexp.optimizer"
+SEED_TAG = "rayexp.seed"
+GIT_TAG = "rayexp.git_commit"
+NODE_TAG = "rayexp.node_id"  # the Ray node a trial ran on
+RESUMED_TAG = "rayexp.resumed_from_step"  # the checkpoint step a restarted trial continued from
+STATUSES = ("running", "finished", "stopped", "diverged", "failed")
 MAX_PARAM_LEN = 6000
 
 
@@ -88,12 +101,11 @@ def sweep_parent_run(uri: str, experiment: str, sweep_key: str, params: dict | N
     """Find or create the parent run of a sweep; returns its run id."""
     client = MlflowClient(uri)
     exp_id = experiment_id(client, experiment)
-    run = find_run(client, exp_id, "rayexp.sweep_key", sweep_key)
+    run = find_run(client, exp_id, SWEEP_KEY_TAG, sweep_key)
     if run is not None:
         return run.info.run_id
     run = client.create_run(exp_id, run_name=run_name or experiment,
-                            tags={"rayexp.sweep_key": sweep_key, "rayexp.kind": "sweep",
-                                  "rayexp.git_commit": git_commit()})
+                            tags={SWEEP_KEY_TAG: sweep_key, KIND_TAG: "sweep", GIT_TAG: git_commit()})
     if params:
         _log_params(client, run.info.run_id, flatten(params))
     return run.info.run_id
@@ -127,12 +139,11 @@ class MlflowReporter:
         self.uri = resolve_uri(uri)
         self.client = MlflowClient(self.uri)
         exp_id = experiment_id(self.client, experiment)
-        run = find_run(self.client, exp_id, "rayexp.trial_key", trial_key)
+        run = find_run(self.client, exp_id, TRIAL_KEY_TAG, trial_key)
         self.last_step = -1
         if run is None:
-            run_tags = {"rayexp.trial_key": trial_key, "rayexp.optimizer": exp.optimizer.name,
-                        "rayexp.seed": str(exp.seed), "rayexp.git_commit": git_commit(), "rayexp.kind": "trial",
-                        "rayexp.status": "running", **(tags or {})}
+            run_tags = {TRIAL_KEY_TAG: trial_key, OPTIMIZER_TAG: exp.optimizer.name, SEED_TAG: str(exp.seed),
+                        GIT_TAG: git_commit(), KIND_TAG: "trial", STATUS_TAG: "running", **(tags or {})}
             if parent_run_id:
                 run_tags[PARENT_TAG] = parent_run_id
             run = self.client.create_run(exp_id, run_name=run_name or f"{exp.optimizer.name}-s{exp.seed}",
@@ -143,7 +154,7 @@ class MlflowReporter:
         else:
             self.run_id = run.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, "rayexp.status", "running")
+            self.client.set_tag(self.run_id, STATUS_TAG, "running")
             steps = [m.step for m in self.client.get_metric_history(self.run_id, "train_loss")]
             steps += [m.step for m in self.client.get_metric_history(self.run_id, "val_loss")]
             self.last_step = max(steps, default=-1)
@@ -163,11 +174,19 @@ class MlflowReporter:
         for i in range(0, len(items), 900):
             self.client.log_batch(self.run_id, metrics=items[i:i + 900])
 
+    def set_tags(self, tags: dict) -> None:
+        """Set string tags on the run (e.g. NODE_TAG, RESUMED_TAG)."""
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
     def finish(self, status: str, summary: Optional[dict] = None) -> None:
-        """Close the run with ``rayexp.status = status`` and ``final/*`` summary metrics."""
+        """Close the run with STATUS_TAG ``status`` and ``final/*`` summary metrics."""
         if summary:
             self.log_metrics({f"final/{k}": v for k, v in summary.items()}, step=max(self.last_step, 0))
-        self.client.set_tag(self.run_id, "rayexp.status", status)
+        self.client.set_tag(self.run_id, STATUS_TAG, status)
         self.client.set_terminated(self.run_id, "FAILED" if status == "failed" else "FINISHED")
 
 
@@ -199,10 +218,104 @@ def log_hessian_results(run_id: str, uri: Optional[str], metrics: dict, files: I
 
 
 def runs_of(uri: Optional[str], experiment: str, kind: str = "trial") -> list:
-    """All runs of ``experiment`` with tag ``rayexp.kind == kind`` (trial or sweep)."""
+    """All runs of ``experiment`` with KIND_TAG ``kind`` (trial or sweep)."""
     client = MlflowClient(resolve_uri(uri))
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], filter_string=f"tags.`rayexp.kind` = '{kind}'",
+    return client.search_runs([found.experiment_id], filter_string=f"tags.`{KIND_TAG}` = '{kind}'",
                               max_results=5000)
+
+
+def latest_sweep_run(client: MlflowClient, exp_id: str):
+    """The most recently started sweep (parent) run of an experiment, or None."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'", order_by=["start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
+def child_runs(client: MlflowClient, exp_id: str, parent_run_id: Optional[str]) -> list:
+    """The child runs of a sweep, oldest first (``parent_run_id`` None: every trial run of the experiment)."""
+    flt = f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else f"tags.`{KIND_TAG}` = 'trial'"
+    return client.search_runs([exp_id], filter_string=flt, order_by=["start_time ASC"], max_results=10000)
+
+
+def sweep_children(uri: str, parent_run_id: str) -> list:
+    """The child runs of the sweep whose parent run is ``parent_run_id``, oldest first."""
+    client = MlflowClient(resolve_uri(uri))
+    return child_runs(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the best config of a series: the sweep summary and the report both show it
+
+
+def final_val_loss(tags: dict, metrics: dict) -> float:
+    """A run's final val loss: ``final/val_loss`` (else its last ``val_loss``); +inf when it diverged or
+    failed or the value is not finite."""
+    if tags.get(STATUS_TAG) in ("diverged", "failed"):
+        return math.inf
+    v = metrics.get("final/val_loss", metrics.get("val_loss", math.nan))
+    return float(v) if math.isfinite(v) else math.inf
+
+
+def seed_stats(finals) -> tuple[float, float, int]:
+    """(mean, sample std with ddof=1, n) of the finite values among ``finals`` (inf mean when none)."""
+    f = np.asarray(list(finals), dtype=float)
+    ok = f[np.isfinite(f)]
+    if not len(ok):
+        return math.inf, math.nan, 0
+    return float(ok.mean()), float(ok.std(ddof=1)) if len(ok) > 1 else 0.0, len(ok)
+
+
+@dataclass
+class RunRecord:
+    """One child run: identity, params, tags, latest metrics and any loaded metric histories."""
+    run_id: str
+    name: str
+    params: dict
+    tags: dict
+    metrics: dict
+    histories: dict = field(default_factory=dict)  # key -> (steps, values), sorted by step
+
+    @classmethod
+    def of(cls, run) -> "RunRecord":
+        """The record of an MLflow ``Run``."""
+        return cls(run.info.run_id, run.info.run_name or run.info.run_id[:8], dict(run.data.params),
+                   dict(run.data.tags), dict(run.data.metrics))
+
+    @property
+    def status(self) -> str:
+        return self.tags.get(STATUS_TAG, "unknown")
+
+    @property
+    def seed(self) -> str:
+        return self.tags.get(SEED_TAG, self.params.get("seed", "?"))
+
+    def final_val_loss(self) -> float:
+        return final_val_loss(self.tags, self.metrics)
+
+
+@dataclass
+class RunGroup:
+    """Runs with equal settings but for the seed. ``series`` names the line it belongs to (e.g. the
+    optimizer), ``values`` the settings that tell it apart; each run has ``tags`` and ``metrics`` dicts."""
+    series: str
+    values: dict
+    runs: list = field(default_factory=list)
+
+    def finals(self) -> np.ndarray:
+        return np.array([final_val_loss(r.tags, r.metrics) for r in self.runs])
+
+    def final_stats(self) -> tuple[float, float, int]:
+        """(mean, sample std, n) of the finite final val losses over seeds."""
+        return seed_stats(self.finals())
+
+
+def best_per_series(groups) -> dict:
+    """For each series, the group with the lowest mean final val loss (series in order of first appearance)."""
+    best: dict = {}
+    for g in groups:
+        if g.series not in best or g.final_stats()[0] < best[g.series].final_stats()[0]:
+            best[g.series] = g
+    return best

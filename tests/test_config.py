@@ -1,7 +1,8 @@
 """Experiment schema: defaults, overrides, and errors that name file, field, value and allowed values."""
 import pytest
 
-from rayexp.config import ConfigError, load_experiment, load_sweep, parse_override
+from rayexp.config import ConfigError, parse_override
+from rayexp.spaces import load_experiment, load_sweep
 
 
 def _write(tmp_path, text):
@@ -64,3 +65,27 @@ seeds: [0, 1]
     assert (exp.optimizer.name, exp.optimizer.lr, exp.optimizer.momentum, exp.seed) == ("sgd", 0.1, 0.8, 1)
     exp = spec.resolve({"optimizer.name": "adamw", "optimizer.adamw.lr": 3e-3})
     assert exp.optimizer.lr == 3e-3 and exp.optimizer.momentum == 0.9
+
+
+def test_runs_and_sweeps_have_their_own_schemas(tmp_path):
+    """seeds and search belong to the sweep file (SweepConfig), not to the Experiment a trial runs."""
+    from rayexp.config import SWEEP_FIELDS, Experiment, SweepConfig
+    assert set(SWEEP_FIELDS) == {"seeds", "search"} and not set(SWEEP_FIELDS) & set(Experiment.model_fields)
+    assert set(SweepConfig.model_fields) == set(Experiment.model_fields) | set(SWEEP_FIELDS)
+    spec = load_sweep(_write(tmp_path, "seeds: [3, 4]\nsearch: {algorithm: random, num_samples: 2}\n"))
+    assert (spec.seeds, spec.search.num_samples) == ([3, 4], 2)
+    exp = spec.resolve({})
+    assert exp.seed == 3 and "search" not in exp.to_dict() and "seeds" not in exp.to_dict()
+    with pytest.raises(ConfigError, match="search.num_samples: the sweep's own fields"):
+        load_sweep(_write(tmp_path, "search: {num_samples: {grid: [1, 2]}}\n"))
+    with pytest.raises(ConfigError) as e:
+        load_sweep(_write(tmp_path, "sedes: [0]\n"))
+    assert "seeds" in str(e.value) and "search" in str(e.value)  # the allowed top-level fields
+
+
+def test_relative_paths_are_made_absolute_once_when_the_spec_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(_write(tmp_path, "data: {corpus: 'text:corpus.txt'}\noutput_dir: runs\n"))
+    assert spec.base.data.corpus == f"text:{tmp_path / 'corpus.txt'}"
+    assert spec.base.output_dir == str(tmp_path / "runs")
+    assert spec.base.data.cache_dir == str(tmp_path / ".rayexp_cache")

@@ -5,7 +5,7 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rayexp.config import load_experiment
+from rayexp.spaces import load_experiment
 from rayexp.train.loop import run_training
 
 ARGS = ["train.steps=12", "train.eval_every=6", "train.eval_batches=2", "train.log_every=3", "train.warmup=2",

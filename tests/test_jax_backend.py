@@ -1,18 +1,20 @@
 """JAX port of GPT-2 / TokenMLP / TokenCNN vs torch: logits, loss, gradient, HVP (torch.func and dense Hessian),
-Lanczos on the JAX operator vs on the torch one."""
+Lanczos on the JAX operator vs on the torch one. Skipped without the ``jax`` extra (``pip install .[jax]``)."""
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")  # the [jax] extra
-import jax.numpy as jnp  # noqa: E402
-import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad, jvp
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
 
-from rayexp.hessian import HVP, Operator, top_eigs
-from rayexp.hessian.jax_backend import arch, forward, jax_grad_fn, jax_hvp_fn, loss_fn, params_from_torch, x64
-from rayexp.hessian.operator import FunctionOperator
-from rayexp.models import GPT, ConvConfig, GPTConfig, TokenCNN, TokenMLP
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.func import functional_call, grad, jvp  # noqa: E402
+
+from rayexp.hessian import HVP, Operator, top_eigs  # noqa: E402
+from rayexp.hessian.jax_backend import (arch, forward, jax_grad_fn, jax_hvp_fn, loss_fn,  # noqa: E402
+                                        params_from_torch, x64)
+from rayexp.hessian.operator import FunctionOperator  # noqa: E402
+from rayexp.models import GPT, ConvConfig, GPTConfig, TokenCNN, TokenMLP  # noqa: E402
 
 V = 16
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from rayexp.config import load_sweep
+from rayexp.spaces import load_sweep
 from rayexp.train.launch import deepspeed_config, needs_trainer
 from rayexp.train.loop import run_training
 
@@ -65,10 +65,10 @@ def test_trial_placement_and_deepspeed_config(tmp_path):
 @pytest.mark.slow
 def test_two_worker_ddp_trial_equals_one_worker_with_doubled_batch(in_tmp, ray_local):
     """Train V2 TorchTrainer, 2 ranks × 4 sequences over gloo == run_training on 8 sequences (no Ray)."""
-    from rayexp.sweep import run_sweep
+    from rayexp.sweep.tune import run_sweep
     spec = _sweep(in_tmp, "ddp", train={"batch_size": 4}, resources={"workers": 2, "cpus_per_worker": 1})
     out = run_sweep(spec, quiet=True)
-    client, run = _only_run(out["state"]["uri"], "ddp")
+    client, run = _only_run(out.state.uri, "ddp")
     assert run.data.tags["rayexp.status"] == "finished"
     reference = run_training(_sweep(in_tmp, "ref").resolve({}, 0), workdir=str(in_tmp / "ref"))
     ref_train = {h["step"]: h["train_loss"] for h in reference.history if "train_loss" in h}
@@ -95,7 +95,7 @@ def _kill_trial_once(root, at_step, killed):
 
 @pytest.mark.slow
 def test_killed_worker_restarts_from_checkpoint_and_ends_like_an_uninterrupted_run(in_tmp, ray_local):
-    from rayexp.sweep import run_sweep
+    from rayexp.sweep.tune import run_sweep
     spec = _sweep(in_tmp, "kill", train={"steps": 80, "eval_every": 10, "log_every": 2}, search={"max_failures": 2})
     killed: list = []
     watcher = threading.Thread(target=_kill_trial_once, args=(in_tmp / "out" / "ray_results", 13, killed))
@@ -103,7 +103,7 @@ def test_killed_worker_restarts_from_checkpoint_and_ends_like_an_uninterrupted_r
     out = run_sweep(spec, quiet=True)
     watcher.join()
     assert killed, "the trial finished before it could be killed"
-    client, run = _only_run(out["state"]["uri"], "kill")
+    client, run = _only_run(out.state.uri, "kill")
     assert run.data.tags["rayexp.status"] == "finished"
     resumed = int(run.data.tags["rayexp.resumed_from_step"])
     assert resumed >= 10 and resumed % 10 == 0  # a checkpoint step at or after the kill's last eval
@@ -118,11 +118,11 @@ def test_deepspeed_zero2_trial_on_cpu_matches_ddp(in_tmp, ray_local):
     """ZeRO-2 (optimizer state and gradients partitioned over 2 gloo ranks) follows the same curve as
     one process on the doubled batch: ZeRO changes where state lives, not the update."""
     pytest.importorskip("deepspeed")
-    from rayexp.sweep import run_sweep
+    from rayexp.sweep.tune import run_sweep
     spec = _sweep(in_tmp, "zero2", train={"batch_size": 4, "steps": 8, "eval_every": 4},
                   resources={"workers": 2, "strategy": "deepspeed"}, deepspeed={"zero_stage": 2})
     out = run_sweep(spec, quiet=True)
-    client, run = _only_run(out["state"]["uri"], "zero2")
+    client, run = _only_run(out.state.uri, "zero2")
     assert run.data.tags["rayexp.status"] == "finished"
     reference = run_training(_sweep(in_tmp, "ref", train={"steps": 8, "eval_every": 4}).resolve({}, 0),
                              workdir=str(in_tmp / "ref"))

@@ -17,6 +17,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from rayexp import report, tracking
+from rayexp.report.__main__ import main as report_main
 from rayexp.config import ConfigError, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def _hessian_results(out: Path) -> dict:
                           dropout=0.0, bias=True))
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(16, (4, 8), generator=g), torch.randint(16, (4, 8), generator=g))]
-    cfg = HessianConfig(tasks=["slq", "slq_blocks", "l11", "grad_heterogeneity"], probes=2, lanczos_steps=8,
+    cfg = HessianConfig(tasks=["slq", "slq_blocks", "l11", "grad_heterogeneity"], probes=2, slq_steps=8,
                         cauchy_vectors=8, grid_points=200, device="cpu")
     res = analyze(model, batches, cfg, progress=False)
     return {**res, "files": save_results(res, out)}
@@ -240,11 +241,11 @@ def test_missing_data_is_skipped_and_cli_errors_are_one_line(mlflow_server, tmp_
         rep = tracking.MlflowReporter(mlflow_server, "report-bare", exp, f"bare-{seed}", parent_run_id=parent)
         rep.report(5, {"train_loss": 3.0 + seed, "val_loss": 3.1 + seed})
         rep.finish("finished", {"val_loss": 3.1 + seed})
-    assert report.main(["report-bare", "--uri", mlflow_server, "--out", str(tmp_path / "r")]) == 0
+    assert report_main(["report-bare", "--uri", mlflow_server, "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "figure loss_curves" in out and "skipped spectra" in out and "skipped lr_sensitivity" in out
     assert "skipped: no hessian" in (tmp_path / "r" / "report.html").read_text()
-    assert report.main(["no-such-experiment", "--uri", mlflow_server, "--out", str(tmp_path / "x")]) == 2
+    assert report_main(["no-such-experiment", "--uri", mlflow_server, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: experiment 'no-such-experiment' not found") and "report-bare" in err
     with pytest.raises(ConfigError, match="band"):

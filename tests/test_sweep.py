@@ -11,8 +11,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from rayexp.config import ConfigError, load_sweep
-from rayexp.sweep import assignments, main, plan
+from rayexp.spaces import load_sweep
+from rayexp.sweep.__main__ import main
+from rayexp.sweep.plan import assignments, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["train.steps=30", "train.eval_every=15", "train.eval_batches=2", "train.log_every=5", "train.warmup=3",
@@ -108,21 +109,21 @@ def ray_local():
 
 @pytest.mark.slow
 def test_sweep_end_to_end_with_a_diverging_trial(in_tmp, ray_local):
-    from rayexp.sweep import run_sweep
+    from rayexp.sweep.tune import run_sweep
     spec = load_sweep(_write_sweep(in_tmp))
     out = run_sweep(spec, quiet=True)
-    assert out["errors"] == 0  # a diverged trial is a result, not an error (the CLI exits 0)
-    runs = _children(out["state"]["uri"])
+    assert out.errors == 0  # a diverged trial is a result, not an error (the CLI exits 0)
+    runs = _children(out.state.uri)
     assert len(runs) == 3
-    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {out["state"]["parent_run_id"]}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {out.state.parent_run_id}
     status = {(r.data.params["optimizer.name"], r.data.params["optimizer.lr"]): r.data.tags["rayexp.status"]
               for r in runs}
     assert status == {("adamw", "0.003"): "finished", ("sgd", "0.1"): "finished", ("sgd", "10000.0"): "diverged"}
-    client = MlflowClient(out["state"]["uri"])
-    assert client.get_run(out["state"]["parent_run_id"]).info.status == "FINISHED"
+    client = MlflowClient(out.state.uri)
+    assert client.get_run(out.state.parent_run_id).info.status == "FINISHED"
     adam = next(r for r in runs if r.data.params["optimizer.name"] == "adamw")
     assert [m.step for m in client.get_metric_history(adam.info.run_id, "val_loss")] == [0, 15, 30]
-    best = {r["optimizer"]: r for r in out["summary"]}
+    best = {r["optimizer"]: r for r in out.summary}
     assert best["sgd"]["config"] == {"optimizer.lr": "0.1"} and best["adamw"]["mean"] < 5.0
 
 
@@ -189,3 +190,16 @@ output_dir: {in_tmp}/out
     assert "error.txt" in {a.path for a in client.list_artifacts(failed.info.run_id)}
     parent = client.get_run(failed.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"
+
+
+def test_every_trial_of_a_config_is_one_seed_and_state_round_trips(tmp_path):
+    from rayexp.sweep.callback import SweepState
+    from rayexp.sweep.plan import trials_of
+    spec = load_sweep(ROOT / "sweeps" / "adam_vs_sgd.yaml")
+    trials = trials_of(spec, "x", {"optimizer.name": "sgd", "optimizer.sgd.lr": 0.3})
+    assert [t.seed for t in trials] == spec.seeds and len({t.key for t in trials}) == 2
+    assert all(t.index is None and t.exp.optimizer.lr == 0.3 for t in trials)
+    assert [t.key for t in plan(spec, "x")[6:]] == [t.key for t in trials]  # planned trials are the same runs
+    state = SweepState("r", "x", spec.raw, spec.source, str(tmp_path), "sqlite:///m.db", "e", "p")
+    state.save()
+    assert SweepState.load(state.path) == state

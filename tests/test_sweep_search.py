@@ -4,8 +4,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from rayexp.config import load_sweep
-from rayexp.sweep import main, run_sweep
+from rayexp.spaces import load_sweep
+from rayexp.sweep.__main__ import main
+from rayexp.sweep.tune import run_sweep
 
 
 def _spec(tmp_path, optimizer, search, seeds=(0,)):
@@ -20,9 +21,9 @@ def _spec(tmp_path, optimizer, search, seeds=(0,)):
 
 
 def _children(out):
-    client = MlflowClient(out["state"]["uri"])
+    client = MlflowClient(out.state.uri)
     return client.search_runs([client.get_experiment_by_name("search").experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{out['state']['parent_run_id']}'")
+                              filter_string=f"tags.`mlflow.parentRunId` = '{out.state.parent_run_id}'")
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_asha_stops_the_hopeless_trial(in_tmp, ray_local):
     out = run_sweep(spec, quiet=True)
     status = {r.data.params["optimizer.lr"]: r.data.tags["rayexp.status"] for r in _children(out)}
     assert status == {"0.003": "finished", "1e-06": "stopped"}
-    best = out["summary"][0]
+    best = out.summary[0]
     assert best["config"] == {"optimizer.lr": "0.003"} and best["steps"] == 20
 
 
@@ -78,18 +79,19 @@ def test_optuna_space_is_conditional_and_decodes_list_choices(tmp_path):
 
     import optuna
 
-    from rayexp.sweep import OptunaSpace
+    from rayexp.sweep.tune import OptunaSpace
     spec = _spec(tmp_path, {"name": {"choice": ["adamw", "sgd"]},
                             "adamw": {"lr": {"loguniform": [1e-4, 1e-2]}, "betas": {"choice": [[0.9, 0.95], [0.8, 0.99]]}},
                             "sgd": {"lr": {"uniform": [0.05, 0.5]}, "momentum": {"grid": [0.0, 0.9]}}},
-                 {"algorithm": "optuna", "num_samples": 8})
-    space = pickle.loads(pickle.dumps(OptunaSpace(spec.raw)))  # Tune checkpoints the searcher
+                 {"algorithm": "optuna", "num_samples": 8}, seeds=(0, 1))
+    space = pickle.loads(pickle.dumps(OptunaSpace(spec, "sweep-id")))  # Tune checkpoints the searcher
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):
         trial = study.ask()
-        space(trial)
-        exp = spec.resolve(OptunaSpace.decode(spec, trial.params), 0)
+        trials = space(trial)["trials"]  # the suggestion, resolved once: one Trial per seed
+        assert [t.seed for t in trials] == [0, 1] and len({t.key for t in trials}) == 2
+        exp = trials[0].exp
         name = trial.params["optimizer.name"]
         seen.add(name)
         own = {"adamw": {"optimizer.adamw.lr", "optimizer.adamw.betas"},

@@ -4,7 +4,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from rayexp import tracking
-from rayexp.config import load_experiment
+from rayexp.spaces import load_experiment
 from rayexp.train.loop import run_training
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rayexp.config import load_experiment
+from rayexp.spaces import load_experiment
 from rayexp.train.checkpoint import load_model
 from rayexp.train.loop import lr_at, run_training
 
@@ -129,3 +129,15 @@ def test_tuned_adam_beats_tuned_sgd_on_gpt2_tiny(tmp_path):
                                      f"data.cache_dir={tmp_path}/cache", "train.log_block_grad_norms=false"])
         final[name] = run_training(exp, workdir=str(tmp_path / name)).val_loss
     assert final["adamw"] < final["sgd"], final
+
+
+def test_a_checkpoint_resumes_only_the_run_that_wrote_it(tmp_path):
+    import torch.nn as nn
+
+    from rayexp.config import validate
+    from rayexp.train.checkpoint import resume_point, save_checkpoint
+    exp = validate({"seed": 0})
+    path = save_checkpoint(tmp_path / "ckpt", nn.Linear(2, 2), None, 7, exp,
+                           {"history": [{"step": 5, "val_loss": 2.5}, {"step": 7, "train_loss": 2.0}]})
+    assert resume_point(path, exp) == (7, 2.5)
+    assert resume_point(path, validate({"seed": 1})) is None  # another seed's checkpoint starts it fresh

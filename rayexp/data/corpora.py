@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-from rayexp.config import ConfigError
+from rayexp.config import CORPORA, ConfigError
 
 
 def _files(path: str, suffixes: tuple[str, ...]) -> list[Path]:
@@ -62,8 +62,7 @@ def documents(corpus: str, text_column: str = "text", hf_cache: Optional[str] = 
         local = Path(name).expanduser().exists()  # a local folder: keep datasets' copy in our cache
         yield from _hf_rows(name, config or None, None, text_column, corpus, hf_cache if local else None)
     else:
-        raise ConfigError(f"data.corpus: unknown corpus {corpus!r}; allowed: builtin, text:PATH, parquet:PATH, "
-                          f"hf:NAME[:CONFIG], task:bfs, task:dfs")
+        raise ConfigError(f"data.corpus: unknown corpus {corpus!r}; allowed: {', '.join(CORPORA)}")
 
 
 def _hf_rows(name, config, data_files, column, corpus, cache=None) -> Iterator[str]:

@@ -1,4 +1,5 @@
-"""Synthetic algorithmic tasks: graph-traversal traces (BFS / DFS), as in the CLRS configs of seed 001.
+"""Synthetic algorithmic tasks: graph-traversal traces (BFS / DFS), as in the CLRS-style configs of the
+blockwise Hessian-spectrum study (arXiv 2402.16788; docs/methods.md, "Curvature").
 
 Each example is a random connected undirected graph on ``n`` nodes (a random spanning tree plus extra
 edges with probability ``p``), written as tokens
@@ -15,7 +16,8 @@ from collections import deque
 
 import numpy as np
 
-TASKS = ("bfs", "dfs")
+from rayexp.config import DATA_TASKS, ConfigError
+
 
 
 def vocab_size(n_nodes: int) -> int:
@@ -76,8 +78,7 @@ def example(kind: str, n: int, p: float, rng: np.random.Generator) -> list[int]:
 
 def generate(kind: str, n_nodes: int, n_examples: int, seed: int, p: float = 0.3) -> np.ndarray:
     """A token stream of ``n_examples`` examples of task ``kind`` (``bfs`` | ``dfs``)."""
-    if kind not in TASKS:
-        from rayexp.config import ConfigError
-        raise ConfigError(f"data.corpus: unknown task {kind!r}; allowed: {', '.join('task:' + t for t in TASKS)}")
+    if kind not in DATA_TASKS:
+        raise ConfigError(f"data.corpus: unknown task {kind!r}; allowed: {', '.join('task:' + t for t in DATA_TASKS)}")
     rng = np.random.default_rng(seed)
     return np.concatenate([np.asarray(example(kind, n_nodes, p, rng), dtype=np.uint16) for _ in range(n_examples)])

@@ -7,7 +7,8 @@ memory plan; SPMD over Ray actors with data or parameter sharding (``rayexp.hess
     top_eigs(op, k=3, which="both")
     results = analyze(model, batches, exp.hessian, loss_fn)   # {"metrics", "arrays", "hvps", "seconds", "plan"}
 """
-from rayexp.hessian.analyze import analyze, analyze_checkpoint, build_operator, fixed_batches  # noqa: F401
+from rayexp.hessian.analyze import analyze, analyze_checkpoint, fixed_batches  # noqa: F401
+from rayexp.hessian.plan import build_operator  # noqa: F401
 from rayexp.hessian.hvp import HVP, check_model, param_blocks, token_cross_entropy  # noqa: F401
 from rayexp.hessian.io import format_table, save_results  # noqa: F401
 from rayexp.hessian.lanczos import lanczos, power_iteration, top_eigs  # noqa: F401

@@ -83,7 +83,7 @@ class HessianWorker:
 
     def setup(self, addr: tuple[str, int], source) -> tuple[str, int]:
         """Join the group, build this shard's operator and agree on one memory plan; returns its text and HVPs."""
-        from rayexp.hessian.analyze import build_operator, prepare
+        from rayexp.hessian.plan import build_operator, prepare
         from rayexp.hessian.operator import Comm
         device = torch.device("cuda", 0) if self.gpu else torch.device("cpu")
         if self.gpu:
@@ -126,7 +126,7 @@ class HessianWorker:
 
     def run(self) -> Optional[dict]:
         """Run the tasks; rank 0 returns the metrics and arrays."""
-        from rayexp.hessian.analyze import run_tasks
+        from rayexp.hessian.plan import run_tasks
         run_tasks(self.ctx)
         return {"metrics": self.ctx.metrics, "arrays": self.ctx.arrays} if self.rank == 0 else None
 

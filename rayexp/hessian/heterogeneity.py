@@ -14,10 +14,11 @@ import time
 
 import numpy as np
 
-from rayexp.config import HessianConfig, validate
+from rayexp.config import validate
 from rayexp.hessian.analyze import fixed_batches
 from rayexp.hessian.estimators import block_grad_norms, grad_heterogeneity
 from rayexp.hessian.hvp import HVP
+from rayexp.hessian.operator import Operator
 from rayexp.hessian.slq import Quadrature, block_densities, slq_blocks
 
 
@@ -48,13 +49,13 @@ def measure(kind: str, steps: int, probes: int, lanczos_steps: int, workdir: str
         torch.manual_seed(exp.seed)
         model, exp2 = build(exp.model, load_tokens(exp.data, 64).vocab_size), exp
     train_s = time.perf_counter() - t0
-    op = HVP(model, fixed_batches(exp2, exp2.hessian), dtype="fp64")
+    op = Operator(HVP(model, fixed_batches(exp2, exp2.hessian), mode="fwd_rev", dtype="fp64"))
     t0 = time.perf_counter()
-    quads = slq_blocks(op, op.blocks, probes, lanczos_steps, seed=0)
+    quads = slq_blocks(op, op.blocks, probes, lanczos_steps, seed=0, reorth="full")
     slq_s = time.perf_counter() - t0
     _, _, _, js_raw = block_densities(quads, points=20_000)
     _, _, _, js_shape = block_densities({k: scaled(q) for k, q in quads.items()}, sigma2=1e-3, points=20_000)
-    het = grad_heterogeneity(block_grad_norms(op.grad(), op.blocks))
+    het = grad_heterogeneity(block_grad_norms(op, op.grad(), op.blocks))
     return {"kind": kind, "params": op.d, "blocks": len(op.blocks), "val_loss": res.val_loss if res else float("nan"),
             "js0_raw": js_raw, "js0_shape": js_shape, **het, "hvps": op.count, "train_s": train_s, "slq_s": slq_s}
 

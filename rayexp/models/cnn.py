@@ -2,7 +2,7 @@
 
 Both take ``(idx, targets)`` like ``GPT`` and return ``(logits (B, T, V), mean token cross-entropy)``, so
 the training loop and the curvature engine treat them exactly like GPT-2. They exist to compare
-curvature across architectures (ALGORITHMS.md, blockwise spectra: transformers vs CNNs).
+curvature across architectures (docs/methods.md, "Curvature": blockwise spectra, transformers vs CNNs).
 
 - ``TokenCNN``: embedding → ``n_layer`` residual blocks ``x + GELU(CausalConv1d_k(x))`` → linear head.
   The convolution is left-padded by ``kernel − 1``, so position t sees tokens t−k+1..t only.

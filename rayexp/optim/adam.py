@@ -5,9 +5,9 @@ shared over a group of coordinates and optionally frozen in time.
     v ← β₂ v + (1 − β₂) · mean_{group}(g²)        (not updated after step K = freeze_v_after)
     d = (m / (1 − β₁ᵗ)) / (√v / √(1 − β₂^min(t,K)) + ε)  ;   θ ← θ − lr·d
 
-Granularity of v (the "dimensions" axis of seed 002, "Beyond Rotation Invariance: Exploring Adam's
-Adaptive Power", arXiv 2410.19964 per ALGORITHMS.md; seed 000, arXiv 2410.08198, calls the shared-v case
-blockwise Adam and the one-scalar case AdaSGD); the "time" axis is beta2 and ``freeze_v_after``:
+Granularity of v (docs/methods.md, "Second-moment granularity": the "dimensions" axis of arXiv 2410.19964;
+arXiv 2410.08198 calls the shared-v case blockwise Adam and the one-scalar case AdaSGD); the "time" axis
+is beta2 and ``freeze_v_after``:
 
 - ``coordinate``: one v per coordinate: Adam (the same float operations as torch.optim.Adam).
 - ``row``: per output neuron, mean of g² over dims 1.. of the weight (shape (out, in, ...)).
@@ -29,9 +29,8 @@ from typing import Optional
 
 import torch
 
+from rayexp.config import GRANULARITIES
 from rayexp.optim.core import Family
-
-GRANULARITIES = ("coordinate", "row", "column", "tensor", "global")
 
 
 def v_shape(shape: torch.Size, granularity: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""Rotations: run any optimizer of the zoo in a rotated basis (ALGORITHMS.md "Rotations").
+"""Rotations: run any optimizer of the zoo in a rotated basis (docs/methods.md, "Rotations").
 
 We implement *Adam in a rotated basis* (equivalently the rotated-loss form of arXiv 2410.08198 Sec. 5,
 optimizing φ = R(θ) with L(R⁻¹φ), since R is orthogonal): at every step the gradient is rotated,

@@ -10,7 +10,8 @@ import hashlib
 import sys
 import time
 
-from rayexp.config import ConfigError, load_experiment
+from rayexp.config import ConfigError
+from rayexp.spaces import load_experiment
 
 
 class ConsoleReporter:

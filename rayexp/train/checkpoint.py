@@ -8,7 +8,8 @@ Layout of a checkpoint directory::
     config.yaml   the resolved Experiment
 
 Writes go to a temporary sibling directory renamed into place, so a killed process never leaves a
-half-written checkpoint behind.
+half-written checkpoint behind. A run resumes from a checkpoint only when its config.yaml is the run's own
+(``resume_point``); ``restore`` loads weights, optimizer state and RNG state back.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from rayexp.config import ConfigError, Experiment, validate
+from rayexp.config import SWEEP_FIELDS, ConfigError, Experiment, validate
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -63,9 +64,34 @@ def load_state(path) -> dict:
     return torch.load(_check_dir(path) / "state.pt", map_location="cpu", weights_only=False)
 
 
+def resume_point(path, exp: Experiment) -> tuple[int, float | None] | None:
+    """(step, latest val loss) of the checkpoint at ``path`` when ``exp`` wrote it, else None."""
+    path = _check_dir(path)
+    if (path / "config.yaml").read_text() != exp.to_yaml():
+        return None
+    state = load_state(path)
+    val = next((h["val_loss"] for h in reversed(state["history"]) if "val_loss" in h), None)
+    return int(state["step"]), val
+
+
+def restore(path, model: nn.Module, optimizer, device) -> dict:
+    """Load a checkpoint's weights into ``model``, its optimizer state (when saved) into ``optimizer`` and
+    its RNG state; returns the loop state (step, history, init_loss, tokens, ...)."""
+    path = Path(path)
+    state = load_state(path)
+    unwrap(model).load_state_dict(torch.load(path / "model.pt", map_location=device))
+    if (path / "optim.pt").is_file():
+        optimizer.load_state_dict(torch.load(path / "optim.pt", map_location=device, weights_only=False))
+    torch.set_rng_state(state["rng"])
+    return state
+
+
 def load_experiment(path) -> Experiment:
     """The resolved Experiment stored with a checkpoint."""
-    return validate(yaml.safe_load((_check_dir(path) / "config.yaml").read_text()), str(path))
+    raw = yaml.safe_load((_check_dir(path) / "config.yaml").read_text())
+    for key in SWEEP_FIELDS:  # written before runs and sweeps had their own schemas
+        raw.pop(key, None)
+    return validate(raw, str(path))
 
 
 def load_model(path, **model_overrides) -> tuple[nn.Module, Experiment, int]:

@@ -1,4 +1,4 @@
-"""Ray glue for one trial: run the loop in the Tune trial itself, or on a Ray Train worker group.
+"""Ray glue for one run of a sweep: in the Tune trial itself, or on a Ray Train worker group.
 
 A 1-worker CPU trial runs ``run_training`` directly inside the Tune trial (a TorchTrainer costs about
 30 s of start-up on CPU). Anything else (several workers, GPUs, DeepSpeed) goes through Ray Train V2's
@@ -17,6 +17,7 @@ import ray.train
 import ray.tune
 
 from rayexp.config import ConfigError, Experiment
+from rayexp.train.checkpoint import resume_point
 from rayexp.train.loop import run_training
 
 
@@ -98,66 +99,59 @@ class TuneReporter:
         return False
 
 
-def resume_dir(get_checkpoint: Callable, scratch: str) -> tuple[Optional[str], int, Optional[float]]:
-    """The latest Ray checkpoint of this trial copied under ``scratch``, its step and its latest val loss
-    (None, 0, None when the trial starts fresh)."""
+def resume_dir(get_checkpoint: Callable, scratch: str, exp: Experiment) -> tuple[Optional[str], int, Optional[float]]:
+    """The latest Ray checkpoint of this trial copied under ``scratch``, its step and its latest val loss,
+    when it was written by ``exp`` (None, 0, None when the run starts fresh)."""
     ckpt = get_checkpoint()
     if ckpt is None:
         return None, 0, None
-    from rayexp.train.checkpoint import load_state
     local = ckpt.to_directory(os.path.join(scratch, "resume"))
-    state = load_state(local)
-    val = next((h["val_loss"] for h in reversed(state["history"]) if "val_loss" in h), None)
-    return local, int(state["step"]), val
+    found = resume_point(local, exp)
+    return (local, *found) if found else (None, 0, None)
 
 
-def _identity(trial: dict, resumed: int) -> dict:
-    return {"trial_key": trial["key"], "seed": trial["exp"]["seed"], "resumed_from": resumed,
+def _identity(key: str, exp: Experiment, resumed: int) -> dict:
+    return {"trial_key": key, "seed": exp.seed, "resumed_from": resumed,
             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
-def _reporter(trial: dict, exp: Experiment, report_fn: Callable, checkpoint_cls, get_checkpoint: Callable,
+def _reporter(key: str, exp: Experiment, offset: int, report_fn: Callable, checkpoint_cls, get_checkpoint: Callable,
               scratch: str):
-    """The trial's reporter and the checkpoint directory it resumes from (None: a fresh start)."""
-    start, step, val = resume_dir(get_checkpoint, scratch)
-    return TuneReporter(exp, report_fn, checkpoint_cls, _identity(trial, step), last_val=val), start
+    """The run's reporter and the checkpoint directory it resumes from (None: a fresh start)."""
+    start, step, val = resume_dir(get_checkpoint, scratch, exp)
+    return TuneReporter(exp, report_fn, checkpoint_cls, _identity(key, exp, step), offset, last_val=val), start
 
 
 def train_worker(config: dict) -> None:
     """Ray Train worker entry: one rank of a DDP / DeepSpeed trial (process group set up by Ray Train)."""
-    exp = Experiment.model_validate(config["exp"])
+    exp = config["exp"]
     factory = deepspeed_engine_factory(exp) if exp.resources.strategy == "deepspeed" else None
     with tempfile.TemporaryDirectory(prefix="rayexp-train-") as scratch:  # Ray keeps its own checkpoint copies
-        reporter, start = _reporter(config, exp, ray.train.report, ray.train.Checkpoint, ray.train.get_checkpoint,
-                                    scratch)
+        reporter, start = _reporter(config["key"], exp, config["offset"], ray.train.report, ray.train.Checkpoint,
+                                    ray.train.get_checkpoint, scratch)
         run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"), engine_factory=factory)
 
 
-def run_trial(trial: dict) -> None:
-    """Tune trainable body: one trial = one config × one seed (``trial = {key, exp, storage}``)."""
-    exp = Experiment.model_validate(trial["exp"])
+def run_trial(key: str, exp: Experiment, storage: str, max_failures: int, offset: int = 0,
+              after_training: Optional[Callable] = None) -> float:
+    """One config × one seed (MLflow trial ``key``) inside a Tune trial; returns its final val loss (+inf
+    when it diverged). ``offset`` shifts the scheduler's ``progress`` axis (runs in turn in one Tune trial);
+    ``storage`` and ``max_failures`` are the sweep's, for a Ray Train worker group. A run in the Tune trial
+    itself calls ``after_training(exp, result, identity)`` while its final checkpoint still exists."""
     if needs_trainer(exp):
-        return _fit_trainer(trial, exp)
+        return _fit_trainer(key, exp, storage, max_failures, offset)
     with tempfile.TemporaryDirectory(prefix="rayexp-trial-") as scratch:  # Tune keeps its own checkpoint copies
-        reporter, start = _reporter(trial, exp, ray.tune.report, ray.tune.Checkpoint, ray.tune.get_checkpoint,
+        reporter, start = _reporter(key, exp, offset, ray.tune.report, ray.tune.Checkpoint, ray.tune.get_checkpoint,
                                     scratch)
         res = run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"))
-        if exp.hessian.after_training and res.status == "finished" and res.checkpoint_dir:
-            _hessian_after_training(exp, res, reporter.extra)
+        if after_training is not None:
+            after_training(exp, res, reporter.extra)
+    return res.val_loss if res.status != "diverged" else float("inf")
 
 
-def _hessian_after_training(exp: Experiment, res, extra: dict) -> None:
-    """Curvature of the final checkpoint (``hessian:`` section); metrics and files go back to Tune."""
-    from rayexp.hessian import analyze_checkpoint
-    results, _ = analyze_checkpoint(res.checkpoint_dir, progress=False)  # files under <checkpoint>/hessian
-    ray.tune.report({**{f"hessian/{k}": v for k, v in results["metrics"].items()}, **extra,
-                     "step": res.step, "progress": res.step, "steps_total": exp.train.steps, "hessian": 1.0,
-                     "val_loss": res.val_loss}, checkpoint=ray.tune.Checkpoint.from_directory(res.checkpoint_dir))
-
-
-def _fit_trainer(trial: dict, exp: Experiment) -> None:
+def _fit_trainer(key: str, exp: Experiment, storage: str, max_failures: int, offset: int) -> float:
     """Run the trial on ``resources.workers`` Ray Train workers; Train V2 resumes from its own
-    checkpoints in ``storage/<trial key>`` (worker failures: ``search.max_failures`` retries)."""
+    checkpoints in ``storage/train-<key>`` (worker failures: ``max_failures`` retries)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -167,12 +161,13 @@ def _fit_trainer(trial: dict, exp: Experiment) -> None:
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=trial,
+        train_loop_config={"key": key, "exp": exp, "offset": offset},
         torch_config=TorchConfig(backend="nccl" if r.gpus_per_worker > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=f"train-{trial['key']}", storage_path=trial["storage"],
-                             failure_config=FailureConfig(max_failures=exp.search.max_failures),
+        run_config=RunConfig(name=f"train-{key}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=[TuneReportCallback()]),
     )
-    trainer.fit()
+    metrics = trainer.fit().metrics or {}
+    return float("inf") if metrics.get("diverged") else float(metrics.get("val_loss", float("nan")))

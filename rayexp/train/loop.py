@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from rayexp.config import ConfigError, Experiment
 from rayexp.models import block_size, build
-from rayexp.train.checkpoint import load_state, save_checkpoint, unwrap
+from rayexp.train.checkpoint import restore, save_checkpoint, unwrap
 
 EVAL_SEED = 1_234_567
 
@@ -144,12 +144,7 @@ def run_training(exp: Experiment, reporter: Optional[Reporter] = None, resume_fr
     optimizer = build_optimizer(model, exp.optimizer, exp.rotation)
     state = {"step": 0, "history": [], "init_loss": None, "tokens": 0}
     if resume_from:
-        state = load_state(resume_from)
-        unwrap(model).load_state_dict(torch.load(Path(resume_from) / "model.pt", map_location=device))
-        if (Path(resume_from) / "optim.pt").is_file():
-            optimizer.load_state_dict(torch.load(Path(resume_from) / "optim.pt", map_location=device,
-                                                 weights_only=False))
-        torch.set_rng_state(state["rng"])
+        state = restore(resume_from, model, optimizer, device)
     engine = None
     if engine_factory is not None:
         engine = engine_factory(model, optimizer)

@@ -1,0 +1,205 @@
+"""The memory plan and the task loop shared by one process and every actor (docs/methods.md "Memory plan").
+
+Every task keeps a known number of d-vectors (``Task.vectors``: Lanczos vectors, a basis, Hutchinson sums,
+the 1-1 norm's per-row samples); one product's working set (activations, a cached first-order graph) is
+measured on the first product. A basis or the per-row samples that do not fit the device budget
+(``hessian.memory_gib``, default what the device has free) move to the host; a plan that still cannot fit
+fails with one line naming the setting to change, before any task runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from rayexp.config import ConfigError, HessianConfig
+from rayexp.hessian import estimators as est
+from rayexp.hessian.hvp import HVP
+from rayexp.hessian.operator import Comm, Operator
+from rayexp.hessian.tasks import TASKS, Context, select_blocks
+
+GIB = 2 ** 30
+VMAP_CHUNK_MAX = 64  # vectors per vmapped product (fwd_rev)
+LOOP_CHUNK_MAX = 8  # vectors per product call in modes that loop over them anyway
+
+
+def device_of(cfg: HessianConfig) -> torch.device:
+    """The device ``hessian.device`` names (auto: CUDA when visible)."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("hessian.device=cuda but no CUDA device is visible; allowed here: auto, cpu")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def product_mode(cfg: HessianConfig, sharded_params: bool, device: torch.device, own_loss: bool) -> str:
+    """``auto`` → ``cached`` on a GPU (the fastest product of one vector); on the CPU, or with sharded
+    parameters (which ``cached`` cannot gather), ``fwd_rev`` for the token cross-entropy (vmapped over the
+    lockstep runs of small models) and ``double_backward`` for a user's loss (forward-mode AD is missing
+    for some losses, e.g. ``F.mse_loss`` in torch 2.13)."""
+    if cfg.mode != "auto":
+        return cfg.mode
+    if device.type == "cuda" and not sharded_params:
+        return "cached"
+    return "double_backward" if own_loss else "fwd_rev"
+
+
+def build_operator(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, comm: Optional[Comm] = None,
+                   n_batches: Optional[int] = None, batch_ids: Optional[Sequence[int]] = None,
+                   theta_fn=None, device=None) -> Operator:
+    """The operator of ``cfg`` over ``batches`` (a data shard when ``comm`` is a group)."""
+    device = device or device_of(cfg)
+    sharded = comm is not None and comm.shard == "params"
+    mode = product_mode(cfg, sharded, device, loss_fn is not None)
+    products = HVP(model, batches, loss_fn, mode, cfg.dtype, device, theta_fn=theta_fn)
+    if batch_ids is not None:
+        products.batch_ids = list(batch_ids)
+    return Operator(products, comm, n_batches, cfg.reduce)
+
+
+# -- memory plan ------------------------------------------------------------------------------------
+def budget_bytes(cfg: HessianConfig, device: torch.device) -> float:
+    """The device budget: ``hessian.memory_gib``, else free device memory plus what torch holds already."""
+    if cfg.memory_gib:
+        return cfg.memory_gib * GIB
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_allocated(device)
+    return host_available()
+
+
+def host_available() -> float:
+    """Available host memory (MemAvailable), or +inf where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _used(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0.0
+
+
+def first_product(op: Operator) -> tuple[float, float]:
+    """Seconds and extra peak bytes of one product (a cached graph is built first and counted)."""
+    dev = op.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = _used(dev)
+    t0 = time.perf_counter()
+    if op.products.mode == "cached" and op.products.graphs is None:
+        op.products.build_graphs()
+    v = torch.ones(op.span.stop - op.span.start, dtype=torch.float64, device=dev)
+    op.matvec(v)
+    op.count -= 1  # a probe of the plan, not a task's product
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(dev) - base
+    return time.perf_counter() - t0, 0.0
+
+
+@dataclass
+class Plan:
+    """Chunks, basis and sample placement per task, and what the plan expects."""
+    hvps: dict = field(default_factory=dict)
+    state_gib: dict = field(default_factory=dict)
+    chunk: dict = field(default_factory=dict)
+    basis_device: dict = field(default_factory=dict)
+    store: Optional[torch.device] = None
+    product_s: float = 0.0
+    product_gib: float = 0.0
+    budget_gib: float = 0.0
+    mode: str = ""
+
+    def text(self) -> str:
+        """The plan as printed before the tasks run."""
+        lines = [f"plan: {sum(self.hvps.values())} Hessian-vector products ({self.mode} products, "
+                 f"{self.product_s:.3g} s each → about {_duration(sum(self.hvps.values()) * self.product_s)}), "
+                 f"one product {self.product_gib:.2f} GiB, budget {self.budget_gib:.1f} GiB"]
+        for t in self.hvps:
+            where = [f"basis on {self.basis_device[t]}" for _ in [0] if self.basis_device.get(t)]
+            where += [f"samples on {self.store}" for _ in [0] if t == "l11" and self.store is not None]
+            lines.append(f"  {t:<19} {self.hvps[t]:>7} HVPs  {self.state_gib[t]:8.3f} GiB kept"
+                         + (f"  ({', '.join(where)})" if where else ""))
+        return "\n".join(lines)
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def make_plan(op: Operator, cfg: HessianConfig, ctx: Context) -> Plan:
+    """Measure one product, then place every task's vectors within the budget (see module docstring)."""
+    budget = budget_bytes(cfg, op.device)
+    try:
+        secs, peak = first_product(op)
+    except torch.cuda.OutOfMemoryError:
+        raise ConfigError(f"hessian: one Hessian-vector product does not fit on {op.device} "
+                          f"({budget / GIB:.1f} GiB budget); lower hessian.batch_size or use hessian.mode=double_backward "
+                          f"(cached graphs take the most), or shard=params with more actors") from None
+    sizes = {"slq_blocks": len(ctx.slq_blocks), "curv_blocks": len(ctx.curv_blocks), "batches": op.n_batches}
+    plan = Plan(product_s=secs, product_gib=peak / GIB, budget_gib=budget / GIB, mode=op.products.mode)
+    held = _used(op.device)
+    local = op.span.stop - op.span.start
+    vmap = op.products.mode == "fwd_rev"
+    for name in dict.fromkeys(cfg.tasks):
+        t = TASKS[name]
+        plan.hvps[name] = t.hvps(cfg, sizes)
+        keep = t.vectors(cfg, sizes) * 8 * local
+        movable = keep - _base_vectors(name, cfg, sizes) * 8 * local  # a basis or samples
+        free = budget - held - peak - keep
+        if free < 0 < movable and op.device.type == "cuda":  # the host takes the basis or the samples
+            if name == "l11":
+                plan.store = torch.device("cpu")
+            else:
+                plan.basis_device[name] = torch.device("cpu")
+            free += movable
+        if free < 0:
+            raise ConfigError(_does_not_fit(name, cfg, keep, peak, budget, held))
+        per_vec = 32 * local + (peak if vmap else 0)
+        cap = VMAP_CHUNK_MAX if vmap else LOOP_CHUNK_MAX
+        plan.chunk[name] = int(max(1, min(cap, free // max(per_vec, 1))))
+        plan.state_gib[name] = keep / GIB
+    return plan
+
+
+def _base_vectors(name: str, cfg, sizes) -> float:
+    """Vectors of a task that must stay on the device (the rest is a basis or samples that may move)."""
+    return {"top_eigs": 4, "slq": 3, "slq_blocks": 3, "l11": 3}.get(name, TASKS[name].vectors(cfg, sizes))
+
+
+def _does_not_fit(name: str, cfg, keep: float, peak: float, budget: float, held: float) -> str:
+    fix = {"top_eigs": "hessian.top_eigs_steps or hessian.reorth.top_eigs=none",
+           "slq": "hessian.slq_steps or hessian.reorth.slq=none", "slq_blocks": "hessian.reorth.slq_blocks=none",
+           "l11": "hessian.cauchy_vectors"}.get(name, "hessian.batch_size")
+    return (f"hessian: task {name} keeps {keep / GIB:.2f} GiB of vectors next to a {peak / GIB:.2f} GiB product and "
+            f"{held / GIB:.2f} GiB of model and batches, over the {budget / GIB:.1f} GiB budget "
+            f"(hessian.memory_gib); lower {fix} or hessian.batch_size, or shard=params over more actors")
+
+
+# -- the task loop ----------------------------------------------------------------------------------
+def prepare(op: Operator, cfg: HessianConfig) -> tuple[Context, Plan]:
+    """Block selections and the memory plan for ``cfg``'s tasks on ``op``."""
+    ctx = Context(op, cfg, select_blocks(op.blocks, cfg.blocks),
+                  select_blocks(op.blocks, cfg.blocks, est.default_curvature_blocks))
+    plan = make_plan(op, cfg, ctx)
+    ctx.chunk, ctx.basis_device, ctx.store = plan.chunk, plan.basis_device, plan.store
+    return ctx, plan
+
+
+def run_tasks(ctx: Context, on_task: Optional[Callable[[str], None]] = None) -> None:
+    """Run every configured task once (trace/diag/frobenius share their products)."""
+    for name in dict.fromkeys(ctx.cfg.tasks):
+        if on_task:
+            on_task(name)
+        try:
+            TASKS[name].run(ctx)
+        except torch.cuda.OutOfMemoryError:
+            raise ConfigError(f"hessian: task {name} ran out of device memory despite the plan; set "
+                              f"hessian.memory_gib lower than the free memory (others may share the GPU)") from None

@@ -1,0 +1,176 @@
+"""The driver's view of a running sweep: its typed state, and the Tune callback that prints progress
+and writes MLflow (the driver is the only MLflow writer, so a local sqlite store has one writer).
+
+Each Tune trial carries its ``Trial`` objects in ``config["trials"]`` (``rayexp.sweep.plan``); a result row
+names its trial by ``trial_key``, so the callback needs no search-algorithm-specific decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ray import tune
+
+from rayexp import tracking
+from rayexp.sweep.plan import Trial
+
+LOGGED = {"train_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "diverged"}
+LOGGED_PREFIXES = ("grad_norm/", "mada/", "optim/", "hessian/")
+STATE_FILE = "rayexp_sweep.json"
+
+
+@dataclass
+class SweepState:
+    """One sweep instance: what ``--resume`` reads back from ``<storage>/<run_name>/rayexp_sweep.json``."""
+    run_name: str  # Tune experiment name: <sweep name>-<start time>
+    sweep_id: str  # SWEEP_KEY_TAG of the parent run; part of every trial key
+    raw: dict  # the sweep's raw config, paths absolute
+    source: str  # where the raw config came from (file name), for error messages
+    storage: str  # Ray Tune storage path
+    uri: str  # MLflow tracking URI
+    experiment: str  # MLflow experiment name
+    parent_run_id: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.storage) / self.run_name / STATE_FILE
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(dataclasses.asdict(self), indent=1, default=str))
+
+    @classmethod
+    def load(cls, path: Path) -> "SweepState":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+@dataclass
+class _Open:
+    """A child run being written: its trial, its latest result row and the Tune trial running it."""
+    trial: Trial
+    result: dict
+    tune_trial: object
+
+
+class SweepCallback(tune.Callback):
+    """Prints one line per evaluation of a trial and writes its MLflow child run."""
+
+    def __init__(self, state: SweepState, planned: int):
+        self.state, self.planned = state, planned  # planned: trial count of a grid/random sweep (0: optuna)
+        self.t0 = time.time()
+        self._clear()
+
+    def _clear(self) -> None:
+        self.reporters: dict[str, tracking.MlflowReporter] = {}
+        self.open: dict[str, _Open] = {}
+        self.tagged: dict[str, dict] = {}
+
+    def __getstate__(self):  # Tune pickles callbacks with the experiment; MLflow clients are re-made lazily
+        return {"state": self.state, "planned": self.planned, "t0": self.t0}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._clear()
+
+    def _reporter(self, trial: Trial) -> tracking.MlflowReporter:
+        if trial.key not in self.reporters:
+            s = self.state
+            self.reporters[trial.key] = tracking.MlflowReporter(
+                s.uri, s.experiment, trial.exp, trial.key, parent_run_id=s.parent_run_id,
+                tags={tracking.SWEEP_KEY_TAG: s.sweep_id})
+        return self.reporters[trial.key]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        own = _trial_of(trial, result.get("trial_key"))
+        if own is None:  # e.g. optuna's seed-mean row
+            return
+        rep = self._reporter(own)
+        self._tag(rep, result)
+        metrics = {k: v for k, v in result.items() if k in LOGGED or k.startswith(LOGGED_PREFIXES)}
+        if result.get("evaluated"):
+            metrics["val_loss"] = result["val_loss"]
+        if result.get("hessian"):  # curvature after training: the training summary stays as it was
+            rep.log_metrics({k: v for k, v in metrics.items() if k.startswith("hessian/")}, int(result["step"]))
+            self.open.setdefault(own.key, _Open(own, result, trial))
+            return
+        rep.report(int(result["step"]), metrics)
+        self.open[own.key] = _Open(own, result, trial)
+        if result.get("evaluated") or result.get("diverged"):
+            self._print(own, result)
+
+    def _tag(self, rep: tracking.MlflowReporter, result: dict) -> None:
+        """Where the trial runs, and the checkpoint step it resumed from after a failure or resume."""
+        tags = {tracking.NODE_TAG: result.get("node_id")}
+        if result.get("resumed_from"):
+            tags[tracking.RESUMED_TAG] = int(result["resumed_from"])
+        tags = {k: str(v) for k, v in tags.items() if v is not None}
+        if self.tagged.get(rep.run_id) != tags:
+            rep.set_tags(tags)
+            self.tagged[rep.run_id] = tags
+
+    def _print(self, trial: Trial, r: dict) -> None:
+        head = f"[{trial.index + 1:>3}/{self.planned}] {trial.label()}" if trial.index is not None \
+            else f"[{trial.key[:6]}] seed={trial.seed}"
+        parts = [f"{head:<44}", f"step {int(r['step']):>5}/{int(r['steps_total'])}"]
+        if "train_loss" in r and math.isfinite(r["train_loss"]):
+            parts.append(f"train {r['train_loss']:.3f}")
+        if "val_loss" in r:
+            parts.append(f"val {r['val_loss']:.3f}")
+        if r.get("diverged"):
+            parts.append("DIVERGED")
+        if r.get("tokens_per_s"):
+            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
+        parts.append(f"{time.time() - self.t0:5.0f}s")
+        print(" | ".join(parts), flush=True)
+
+    def _close(self, tune_trial, failed: bool) -> None:
+        """Finish the MLflow runs of a Tune trial that completed or raised."""
+        last = tune_trial.config["trials"][-1].key  # the trial whose checkpoint Tune holds last
+        for key, o in [(k, o) for k, o in self.open.items() if o.tune_trial is tune_trial]:
+            status = _status(o.result, failed)
+            rep = self.reporters[key]
+            r = o.result
+            rep.finish(status, {"val_loss": r.get("val_loss", float("nan")),
+                                "train_loss": r.get("train_loss", float("nan")),
+                                "step": r["step"], "tokens_per_s": r.get("tokens_per_s", 0.0)})
+            error_file = getattr(tune_trial, "error_file", None) if failed else None
+            if error_file and os.path.isfile(error_file):  # the traceback, next to the run's metrics
+                rep.log_artifact(error_file)
+            ckpt = tune_trial.checkpoint
+            if status != "failed" and key == last and ckpt is not None and ckpt.filesystem.type_name == "local":
+                tracking.log_checkpoint(rep.run_id, ckpt.path, self.state.uri)
+            if status != "finished":
+                where = f" (error log: {error_file})" if error_file else ""
+                print(f"[{key[:6]}] {o.trial.label() if o.trial.index is not None else ''} -> {status}{where}",
+                      flush=True)
+            del self.open[key]
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._close(trial, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        own = trial.config.get("trials") or []
+        if own and not any(o.tune_trial is trial for o in self.open.values()):
+            first = own[0]  # raised before its first report: record it too
+            self._reporter(first)
+            self.open[first.key] = _Open(first, {"step": 0, "steps_total": first.exp.train.steps}, trial)
+        self._close(trial, failed=True)
+
+
+def _trial_of(tune_trial, key: Optional[str]) -> Optional[Trial]:
+    return next((t for t in tune_trial.config.get("trials", ()) if t.key == key), None) if key else None
+
+
+def _status(result: dict, failed: bool) -> str:
+    """STATUS_TAG value of a closed run from its last result row."""
+    if failed:
+        return "failed"
+    if result.get("diverged"):
+        return "diverged"
+    return "finished" if int(result["step"]) >= int(result["steps_total"]) else "stopped"
