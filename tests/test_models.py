@@ -170,3 +170,16 @@ def test_precise_fp32_sdpa_training_curve_equals_naive(tmp_path):
         curves[attention] = [h["train_loss"] for h in res.history if "train_loss" in h]
     assert len(curves["naive"]) == 20
     assert max(abs(a - b) for a, b in zip(curves["naive"], curves["sdpa"])) < 1e-5
+
+
+@pytest.mark.parametrize("loss", ["chunked", "full"])
+def test_training_forward_traces_without_graph_breaks(loss):
+    """train.compile: dynamo captures the training forward (sdpa kernel choice, chunked loss and its
+    autograd.Function) as one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=16, loss=loss))
+    x = torch.randint(97, (2, 16))
+    explanation = torch._dynamo.explain(model)(x, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -113,9 +113,8 @@ def test_fused_auto_is_on_for_cuda_only():
 
 
 def test_compiled_adamw_equals_reference_and_compiles_once():
-    """The inductor-compiled AdamW kernel (what CUDA runs) within 1e-6 of the reference; after the
-    first two steps (the compile and dynamo's automatic-dynamic recompile for the changing floats: lr,
-    bias corrections) no step compiles again."""
+    """The inductor-compiled AdamW kernel (what CUDA runs) within 1e-6 of the reference; after the first
+    step (one graph per bucket) no step compiles again although lr and the bias corrections change."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     cfg, shapes = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.1), [(5, 4), (4,), (3, 2, 2), ()]
@@ -124,6 +123,7 @@ def test_compiled_adamw_equals_reference_and_compiles_once():
     opt = build_optimizer(model, cfg.model_copy(update={"fused": True}))
     train(model, opt, 1)
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
     train(model, opt, 6)
     assert counters["stats"]["unique_graphs"] == graphs
 
@@ -134,6 +134,6 @@ def test_compiled_adamw_equals_reference_and_compiles_once():
                                   dict(name="adamw", granularity="global"), dict(name="mada", mada=dict(beta3=0.2))],
                          ids=lambda c: c["name"])
 def test_compiled_families_equal_reference(case):
-    """The compiled kernels of the other families (each compiles twice or three times: ~20-40 s)."""
+    """The compiled kernels of the other families (~10-40 s each on CPU)."""
     assert_fused_equals_reference(OptimizerConfig(lr=1e-2, weight_decay=0.1, **case), RotationConfig(),
                                   [(5, 4), (4,), (3, 2, 2)], steps=4, skip=1)
