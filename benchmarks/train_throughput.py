@@ -240,19 +240,24 @@ def loop_row(name: str, overrides: dict, mode_key, mode, sz, dev, args, flops_pe
 
 
 def profile_rows(ng, sz, dev, X, Y, path: str) -> None:
-    """torch.profiler tables (top CUDA kernels) of 3 steps of nanoGPT vs rayexp, modes a and b."""
+    """torch.profiler tables (top CUDA kernels) of 3 steps, modes a and b: nanoGPT, rayexp's GPT with torch's
+    fused AdamW, and with the fused zoo adamw (run_training's step without its data and clipping)."""
     from torch.profiler import ProfilerActivity, profile
     out = []
     for key in ("a", "b"):
         mode = MODES[key]
         torch.backends.cuda.matmul.allow_tf32 = mode["tf32"]
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if mode["dtype"] == "bf16" else nullcontext()
-        makers = [("rayexp", lambda: rayexp_model(sz, mode["attention"], dev))]
+        makers = [("rayexp + torch fused AdamW", lambda: rayexp_model(sz, mode["attention"], dev),
+                   lambda m: fused_adamw(m, dev)),
+                  ("rayexp + fused zoo adamw", lambda: rayexp_model(sz, mode["attention"], dev),
+                   lambda m: zoo_adamw(m, fused=True))]
         if ng is not None:
-            makers.insert(0, ("nanogpt", lambda: nanogpt_model(ng, sz, mode["attention"], dev)))
-        for name, make in makers:
+            makers.insert(0, ("nanogpt", lambda: nanogpt_model(ng, sz, mode["attention"], dev),
+                              lambda m: fused_adamw(m, dev)))
+        for name, make, make_opt in makers:
             model = make()
-            opt = fused_adamw(model, dev)
+            opt = make_opt(model)
             for _ in range(3):
                 bench_step(model, opt, X, Y, ctx)
             sync()

@@ -82,8 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ∂/∂h_c = (∂/∂z) W / N,   ∂/∂W = Σ_c (∂/∂z)ᵀ h_c / N
 
     The matmuls run in ``dtype`` (autocast's, or W's), the softmax in at least fp32 (as autocast's
-    cross_entropy);
-    the gradients are kept from the forward and scaled by the incoming gradient in backward."""
+    cross_entropy); the gradients are kept from the forward and scaled by the incoming one in backward."""
 
     @staticmethod
     def forward(ctx, h, w, y, chunk: int, dtype):
@@ -107,7 +106,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         gh, gw = ctx.saved_tensors
-        return (gh * (grad / ctx.n)).to(ctx.h_dtype), gw * grad, None, None, None
+        return gh.to(ctx.h_dtype) * (grad / ctx.n), gw * grad, None, None, None
 
 
 def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int | None = None):
