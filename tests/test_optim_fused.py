@@ -137,3 +137,21 @@ def test_compiled_families_equal_reference(case):
     """The compiled kernels of the other families (~10-40 s each on CPU)."""
     assert_fused_equals_reference(OptimizerConfig(lr=1e-2, weight_decay=0.1, **case), RotationConfig(),
                                   [(5, 4), (4,), (3, 2, 2)], steps=4, skip=1)
+
+
+@pytest.mark.slow
+def test_run_training_with_the_compiled_fused_step_follows_the_reference(tmp_path):
+    """run_training on CPU with optimizer.fused=true (the compiled kernels, as on CUDA) against fused=false:
+    the same loss curve to 1e-5 over 12 steps of gpt2-tiny (clip on, two param groups)."""
+    from rayexp.config import load_experiment
+    from rayexp.train.loop import run_training
+    curves = {}
+    for flag in ("false", "true"):
+        exp = load_experiment(None, ["train.steps=12", "train.log_every=1", "train.eval_every=12",
+                                     "train.eval_batches=1", "train.batch_size=4", "train.warmup=2",
+                                     "optimizer.lr=3e-3", "optimizer.weight_decay=0.1", f"optimizer.fused={flag}",
+                                     f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"])
+        res = run_training(exp, workdir=str(tmp_path / flag))
+        curves[flag] = [h["train_loss"] for h in res.history if "train_loss" in h]
+    assert len(curves["true"]) == 12
+    assert max(abs(a - b) for a, b in zip(curves["false"], curves["true"])) < 1e-5
