@@ -7,14 +7,17 @@ betas (0.9, 0.95), weight decay 1e-2 on ≥2-D tensors, TF32 allowed, one fixed 
 
     a   fp32 weights/activations (TF32 matmuls, as nanoGPT's bench sets) + naive attention
     a0  as a with TF32 off (strict fp32; rayexp's train loop leaves torch's default, which is off)
-    b   bf16 autocast + sdpa (flash) attention
+    b   bf16 autocast + sdpa attention (torch's kernel choice; --sdpa adds rows per backend)
     c   b + torch.compile
 
-Rows per mode: nanoGPT's model + its fused AdamW + bench.py's step (the anchor, from .anchors/nanogpt);
-rayexp's GPT with torch's fused AdamW and the same step; rayexp's GPT with ``rayexp.optim`` adamw (the
-zoo optimizer); and ``rayexp.train.loop.run_training`` itself (data sampling, grad clipping, grad-norm
-logging, zoo adamw; tokens/s from its own last log window; GPT-2 vocab 50257 from a synthetic BPE, padded to
-50304 by model.vocab_multiple as nanoGPT does).
+Rows per mode: nanoGPT's model + its fused AdamW + bench.py's step (the anchor, from .anchors/nanogpt,
+karpathy/nanoGPT @ 3adf61e1); rayexp's GPT with torch's fused AdamW and the same step (``model.loss``
+chunked, the default, and full in mode b); rayexp's GPT with ``rayexp.optim`` adamw (the zoo optimizer,
+fused and per-tensor reference); and ``rayexp.train.loop.run_training`` itself (data sampling, grad
+clipping, grad-norm logging, zoo adamw; tokens/s from its own last log windows; GPT-2 vocab 50257 from a
+synthetic BPE, padded to 50304 by model.vocab_multiple as nanoGPT does), first with the defaults, then one
+row per option: mode a adds the precise fp32 mode (attention sdpa: the memory-efficient fp32 kernel),
+mode b optimizer.fused=false, model.loss=full and each ``--sdpa`` backend, mode c model.loss=full.
 
 tokens/s = 12·1024·steps / wall time of the timed window (median of ``--windows`` windows of
 ``--steps`` steps after ``--warmup`` steps). MFU = (6N + 12·L·H·Q·T)·tokens/s / peak (nanoGPT's
@@ -75,9 +78,9 @@ def nanogpt_model(ng, sz: dict, attention: str, dev):
     return model.to(dev)
 
 
-def rayexp_model(sz: dict, attention: str, dev, vocab: int | None = None) -> GPT:
+def rayexp_model(sz: dict, attention: str, dev, vocab: int | None = None, loss: str = "chunked") -> GPT:
     cfg = GPTConfig(vocab_size=vocab or sz["vocab"], block_size=sz["block"], n_layer=sz["n_layer"], n_head=sz["n_head"],
-                    n_embd=sz["n_embd"], dropout=0.0, bias=False, attention=attention)
+                    n_embd=sz["n_embd"], dropout=0.0, bias=False, attention=attention, loss=loss)
     return GPT(cfg).to(dev)
 
 
@@ -89,11 +92,12 @@ def fused_adamw(model, dev):
     return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=dev.type == "cuda")
 
 
-def zoo_adamw(model):
-    """rayexp.optim's adamw with the same hyperparameters."""
+def zoo_adamw(model, fused="auto"):
+    """rayexp.optim's adamw with the same hyperparameters (``fused``: optimizer.fused)."""
     from rayexp.config import OptimizerConfig
     from rayexp.optim import build_optimizer
-    return build_optimizer(model, OptimizerConfig(name="adamw", lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-2))
+    return build_optimizer(model, OptimizerConfig(name="adamw", lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-2,
+                                                  fused=fused))
 
 
 def bench_step(model, optimizer, X, Y, ctx):
@@ -192,7 +196,21 @@ def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X,
     return r
 
 
-def loop_row(mode_key, mode, sz, dev, args, flops_per_token):
+def loop_variants(key: str, mode: dict, args) -> list[tuple[str, dict]]:
+    """(row name, overrides of the Experiment's model/optimizer sections) of the run_training rows."""
+    rows = [("rayexp run_training (defaults: fused auto, loss chunked, sdpa auto)", {})]
+    if key == "a":
+        rows.append(("run_training, precise fp32: attention sdpa (efficient)", {"model": {"attention": "sdpa"}}))
+    if key == "b":
+        rows += [("run_training, optimizer.fused=false", {"optimizer": {"fused": False}}),
+                 ("run_training, model.loss=full", {"model": {"loss": "full"}})]
+        rows += [(f"run_training, sdpa_backend={b}", {"model": {"sdpa_backend": b}}) for b in args.sdpa.split(",") if b]
+    if key == "c":
+        rows.append(("run_training, model.loss=full", {"model": {"loss": "full"}}))
+    return rows
+
+
+def loop_row(name: str, overrides: dict, mode_key, mode, sz, dev, args, flops_per_token):
     """``rayexp.train.loop.run_training`` on the builtin corpus with a synthetic 50257-token BPE."""
     from rayexp.config import Experiment
     from rayexp.train.loop import run_training
@@ -202,38 +220,44 @@ def loop_row(mode_key, mode, sz, dev, args, flops_per_token):
     preset = {} if args.tiny else {"preset": "gpt2-124m"}
     model = dict(preset or {"preset": None, "n_layer": sz["n_layer"], "n_head": sz["n_head"], "n_embd": sz["n_embd"],
                             "block_size": sz["block"]}, attention=mode["attention"], bias=False)
-    exp = Experiment(name="bench", model=model,
+    exp = Experiment(name="bench", model={**model, **overrides.get("model", {})},
                      data={"corpus": "builtin", "tokenizer": "gpt2", "cache_dir": args.cache},
                      train={"steps": total, "batch_size": sz["batch"], "eval_every": 10 ** 6, "eval_batches": 1,
                             "log_every": args.steps, "warmup": 0, "precision": mode["dtype"], "clip": 1.0,
                             "compile": mode["compile"], "checkpoint_every": 10 ** 6, "log_block_grad_norms": False},
-                     optimizer={"name": "adamw", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 1e-2},
+                     optimizer={"name": "adamw", "lr": 1e-4, "betas": [0.9, 0.95], "weight_decay": 1e-2,
+                                **overrides.get("optimizer", {})},
                      output_dir=args.cache)
     peak_memory_reset()
     t0 = time.perf_counter()
     res = run_training(exp, workdir=f"{args.cache}/train_{mode_key}")
     rates = [h["tokens_per_s"] for h in res.history if "tokens_per_s" in h][-args.windows:]
     med = statistics.median(rates)
-    return {"row": "rayexp run_training (zoo adamw, clip, data)", "tok_s": med,
+    return {"row": name, "tok_s": med, "rates": rates,
             "spread": (max(rates) - min(rates)) / med, "warmup_s": time.perf_counter() - t0, "loss": res.train_loss,
             "mem_gib": peak_memory_gib(), "ms_step": 1e3 * sz["batch"] * sz["block"] / med,
             "tflops": flops_per_token * med / 1e12}
 
 
 def profile_rows(ng, sz, dev, X, Y, path: str) -> None:
-    """torch.profiler tables (top CUDA kernels) of 3 steps of nanoGPT vs rayexp, modes a and b."""
+    """torch.profiler tables (top CUDA kernels) of 3 steps, modes a and b: nanoGPT, rayexp's GPT with torch's
+    fused AdamW, and with the fused zoo adamw (run_training's step without its data and clipping)."""
     from torch.profiler import ProfilerActivity, profile
     out = []
     for key in ("a", "b"):
         mode = MODES[key]
         torch.backends.cuda.matmul.allow_tf32 = mode["tf32"]
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if mode["dtype"] == "bf16" else nullcontext()
-        makers = [("rayexp", lambda: rayexp_model(sz, mode["attention"], dev))]
+        makers = [("rayexp + torch fused AdamW", lambda: rayexp_model(sz, mode["attention"], dev),
+                   lambda m: fused_adamw(m, dev)),
+                  ("rayexp + fused zoo adamw", lambda: rayexp_model(sz, mode["attention"], dev),
+                   lambda m: zoo_adamw(m, fused=True))]
         if ng is not None:
-            makers.insert(0, ("nanogpt", lambda: nanogpt_model(ng, sz, mode["attention"], dev)))
-        for name, make in makers:
+            makers.insert(0, ("nanogpt", lambda: nanogpt_model(ng, sz, mode["attention"], dev),
+                              lambda m: fused_adamw(m, dev)))
+        for name, make, make_opt in makers:
             model = make()
-            opt = fused_adamw(model, dev)
+            opt = make_opt(model)
             for _ in range(3):
                 bench_step(model, opt, X, Y, ctx)
             sync()
@@ -265,6 +289,8 @@ def main(argv=None) -> list[dict]:
                     help="run each mode's rows this many times, alternating their order (cancels order/clock "
                          "drift); tok/s is the mean over rounds, spread the range over all windows")
     ap.add_argument("--no-zoo", action="store_true", help="skip the rayexp.optim adamw rows")
+    ap.add_argument("--sdpa", default="flash,cudnn",
+                    help="mode b: one run_training row per model.sdpa_backend listed (auto is the default row)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="write profiler tables (modes a, b) here")
     ap.add_argument("--cache", default="/tmp/rayexp_bench", help="token cache / workdir of the loop rows")
@@ -299,9 +325,15 @@ def main(argv=None) -> list[dict]:
                           lambda m: m.configure_optimizers(1e-2, 1e-4, (0.9, 0.95), dev.type)))
         specs.append(("rayexp GPT + torch fused AdamW", lambda: rayexp_model(sz, mode["attention"], dev),
                       lambda m: fused_adamw(m, dev)))
+        if key == "b":
+            specs.append(("rayexp GPT loss=full + torch fused AdamW",
+                          lambda: rayexp_model(sz, mode["attention"], dev, loss="full"), lambda m: fused_adamw(m, dev)))
         if not args.no_zoo and key != "a0":  # a0 only contrasts TF32 on/off
-            specs.append(("rayexp GPT + rayexp.optim adamw", lambda: rayexp_model(sz, mode["attention"], dev),
-                          zoo_adamw))
+            specs.append(("rayexp GPT + zoo adamw, fused step", lambda: rayexp_model(sz, mode["attention"], dev),
+                          lambda m: zoo_adamw(m, fused=True)))
+            if key != "c":  # the per-tensor reference is measured eagerly (a, b); c is compile time
+                specs.append(("rayexp GPT + zoo adamw, per-tensor step",
+                              lambda: rayexp_model(sz, mode["attention"], dev), lambda m: zoo_adamw(m, fused=False)))
         if args.diagnose and key in ("b", "c"):
             mk = lambda: rayexp_model(sz, mode["attention"], dev)  # noqa: E731
             specs += [("rayexp GPT, explicit fp32 logits (old)", mk, lambda m: fused_adamw(m, dev), upcast_ce_step),
@@ -332,13 +364,13 @@ def main(argv=None) -> list[dict]:
             r.update(spread=(max(rates) - min(rates)) / r["tok_s"], rates=rates, rounds=len(rs), ms_step=1e3 * X.numel() / r["tok_s"],
                      tflops=fpt * r["tok_s"] / 1e12, mem_gib=max(x["mem_gib"] for x in rs))
             rows.append({"mode": label, **r})
-        if not args.no_loop and key != "a0":
+        for name, overrides in ([] if args.no_loop or key == "a0" else loop_variants(key, mode, args)):
             try:
-                r = loop_row(key, mode, sz, dev, args, fpt)
+                r = loop_row(name, overrides, key, mode, sz, dev, args, fpt)
                 rows.append({"mode": label, **r})
-                print(f"  {label:22s} {r['row']:34s} {r['tok_s']:10.0f} tok/s", flush=True)
-            except Exception as e:
-                print(f"  run_training: FAILED {type(e).__name__}: {e}", flush=True)
+                print(f"  {label:22s} {r['row']:38s} {r['tok_s']:10.0f} tok/s", flush=True)
+            except Exception as e:  # one failed row must not lose the others
+                print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
         for r in rows:
             if r["mode"] == label and r["row"].startswith("nanoGPT"):
                 base = r["tok_s"]
@@ -349,6 +381,7 @@ def main(argv=None) -> list[dict]:
                 r["mfu_nominal"] = 100 * r["tflops"] * 1e12 / nominal
                 r["mfu_tf32_measured"] = 100 * r["tflops"] * 1e12 / peak_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
+        write_json(args.out, {"rows": rows, "partial": True, "argv": sys.argv})  # kept if a later mode fails
 
     cols = ["mode", "row", "tok_s", "ms_step", "vs_nanogpt", "mfu_measured", "mfu_nominal", "spread", "mem_gib",
             "warmup_s"]

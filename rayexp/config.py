@@ -44,6 +44,10 @@ class ModelConfig(_Strict):
     n_embd: Optional[int] = Field(None, ge=1)
     block_size: Optional[int] = Field(None, ge=2)
     attention: Literal["naive", "sdpa"] = "sdpa"
+    # sdpa kernel on CUDA; auto: torch's choice for bf16/fp16, the memory-efficient kernel for fp32
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    # chunked: fused lm_head + cross-entropy over token chunks, the (B·T, V) logits never materialized
+    loss: Literal["chunked", "full"] = "chunked"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     # GPT embedding/head rows rounded up to a multiple of this (nanoGPT's 50257 → 50304): the padded ids
@@ -152,6 +156,8 @@ class OptimizerConfig(_Strict):
     nesterov: bool = False
     granularity: Literal[GRANULARITIES] = "coordinate"
     freeze_v_after: Optional[int] = Field(None, ge=1)  # second moment frozen after K steps
+    # one compiled multi-tensor step per family (rayexp.optim.fused); auto: on for CUDA parameters
+    fused: Union[Literal["auto"], bool] = "auto"
     mada: MadaConfig = Field(default_factory=MadaConfig)
 
     @field_validator("betas")

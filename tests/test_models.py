@@ -17,7 +17,7 @@ def _pair(**kw):
 
 
 def test_naive_and_sdpa_attention_agree_in_fp32():
-    naive, sdpa = _pair()
+    naive, sdpa = _pair(loss="full")  # the logits too
     x = torch.randint(97, (3, 32))
     ln, loss_n = naive(x, x)
     ls, loss_s = sdpa(x, x)
@@ -78,3 +78,108 @@ def test_gpt_vocabulary_is_rounded_up_to_model_vocab_multiple():
     assert gpt_config(ModelConfig(), 50257).vocab_size == 50304  # nanoGPT's padded GPT-2 vocabulary
     assert gpt_config(ModelConfig(), 256).vocab_size == 256  # bytes: already a multiple
     assert gpt_config(ModelConfig(vocab_multiple=1), 50257).vocab_size == 50257
+
+
+def _loss_pair(**kw):
+    torch.manual_seed(0)
+    full = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, loss="full", **kw))
+    chunked = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, loss="chunked", **kw))
+    chunked.load_state_dict(full.state_dict())
+    return full, chunked
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 64])
+def test_chunked_loss_equals_full_loss_and_gradients_fp32(chunk, monkeypatch):
+    """model.loss=chunked (fused lm_head + cross-entropy over token chunks, uneven last chunk included)
+    against logits + F.cross_entropy: loss and every parameter gradient (tied wte/lm_head too) to 1e-5."""
+    import rayexp.models.gpt2 as gpt2
+    if chunk:
+        monkeypatch.setattr(gpt2, "LOSS_CHUNK_ELEMENTS", chunk * 97)
+    full, chunked = _loss_pair()
+    x, y = torch.randint(97, (3, 32)), torch.randint(97, (3, 32))
+    logits, loss_f = full(x, y)
+    none, loss_c = chunked(x, y)
+    assert logits.shape == (3, 32, 97) and none is None
+    assert abs(loss_f.item() - loss_c.item()) < 1e-5
+    (2.5 * loss_f).backward(), (2.5 * loss_c).backward()  # the incoming gradient scales both
+    for (name, a), b in zip(full.named_parameters(), chunked.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-5), name
+
+
+def test_chunked_loss_function_against_cross_entropy_on_random_shapes():
+    from rayexp.models.gpt2 import chunked_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    for n, c, v, chunk in [(1, 3, 5, 1), (10, 4, 11, 3), (33, 8, 50, 64), (17, 2, 3, 16)]:
+        h = torch.randn(n, c, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(v, c, generator=g, dtype=torch.float64, requires_grad=True)
+        y = torch.randint(v, (n,), generator=g)
+        ref = torch.nn.functional.cross_entropy(h @ w.T, y)
+        got = chunked_cross_entropy(h, w, y, chunk)
+        assert torch.allclose(got, ref, atol=1e-12, rtol=1e-12)
+        gr = torch.autograd.grad(ref, (h, w))
+        gg = torch.autograd.grad(got, (h, w))
+        for a, b in zip(gr, gg):
+            assert torch.allclose(a, b, atol=1e-12, rtol=1e-12)
+        with torch.no_grad():  # the loss-only path (evaluation)
+            assert torch.allclose(chunked_cross_entropy(h, w, y, chunk), ref, atol=1e-12, rtol=1e-12)
+
+
+def test_chunked_loss_under_bf16_autocast_is_close_to_full():
+    """Under CPU bf16 autocast both paths run the matmuls in bf16 and the softmax in fp32."""
+    full, chunked = _loss_pair()
+    x, y = torch.randint(97, (3, 32)), torch.randint(97, (3, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_f, loss_c = full(x, y)[1], chunked(x, y)[1]
+    assert loss_c.dtype == torch.float32
+    assert abs(loss_f.item() - loss_c.item()) < 2e-2
+    loss_f.backward(), loss_c.backward()
+    for a, b in zip(full.parameters(), chunked.parameters()):
+        assert (a.grad - b.grad).norm() <= 0.05 * a.grad.norm() + 1e-6
+
+
+def test_chunked_loss_has_no_double_backward():
+    """The Hessian differentiates the full logits (model(x)[0]); the chunked loss refuses create_graph use."""
+    _, chunked = _loss_pair()
+    x = torch.randint(97, (2, 8))
+    loss = chunked(x, x)[1]
+    g = torch.autograd.grad(loss, list(chunked.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(sum((t * t).sum() for t in g), list(chunked.parameters()))
+
+
+def test_sdpa_backend_is_validated_and_cpu_keeps_torchs_kernel():
+    with pytest.raises(ValueError, match="sdpa_backend"):
+        GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=1, n_head=1, n_embd=4, sdpa_backend="fast"))
+    from rayexp.models.gpt2 import sdpa_context
+    import contextlib
+    assert isinstance(sdpa_context("cudnn", torch.zeros(1)), contextlib.nullcontext)
+
+
+def test_precise_fp32_sdpa_training_curve_equals_naive(tmp_path):
+    """Precise mode: 20 fp32 steps of gpt2-tiny through run_training with attention=sdpa (on CUDA the
+    memory-efficient kernel; here torch's CPU kernel) follow the naive-attention run to 1e-5 per step."""
+    from rayexp.config import load_experiment
+    from rayexp.train.loop import run_training
+    curves = {}
+    for attention in ("naive", "sdpa"):
+        exp = load_experiment(None, ["train.steps=20", "train.log_every=1", "train.eval_every=20",
+                                     "train.eval_batches=1", "train.batch_size=4", "train.warmup=2",
+                                     "train.precision=fp32", "optimizer.lr=3e-3", f"model.attention={attention}",
+                                     f"output_dir={tmp_path}", f"data.cache_dir={tmp_path}/cache"])
+        res = run_training(exp, workdir=str(tmp_path / attention))
+        curves[attention] = [h["train_loss"] for h in res.history if "train_loss" in h]
+    assert len(curves["naive"]) == 20
+    assert max(abs(a - b) for a, b in zip(curves["naive"], curves["sdpa"])) < 1e-5
+
+
+@pytest.mark.parametrize("loss", ["chunked", "full"])
+def test_training_forward_traces_without_graph_breaks(loss):
+    """train.compile: dynamo captures the training forward (sdpa kernel choice, chunked loss and its
+    autograd.Function) as one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, n_embd=16, loss=loss))
+    x = torch.randint(97, (2, 16))
+    explanation = torch._dynamo.explain(model)(x, x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -2,16 +2,23 @@
 
 Init: N(0, 0.02) for linear/embedding weights, residual projections (``c_proj``) scaled by
 1/sqrt(2 n_layer). Attention is ``naive`` (explicit softmax: exact, supports double backward and
-forward-mode AD, which Hessian-vector products need) or ``sdpa`` (torch's fused kernel: fast).
+forward-mode AD, which Hessian-vector products need) or ``sdpa`` (torch's fused kernel: fast; on CUDA
+``sdpa_backend`` picks the kernel, and fp32 runs the memory-efficient one). The training loss with
+targets is ``chunked`` (lm_head and cross-entropy fused over token chunks, ``chunked_cross_entropy``: the
+(B·T, V) logits never exist) or ``full`` (logits, then ``F.cross_entropy``). Without targets the model
+returns the full logits (the Hessian's path: exact, differentiable to any order).
 """
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PRESETS = {
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -31,6 +38,8 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     attention: str = "sdpa"  # naive | sdpa
+    sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math (CUDA only)
+    loss: str = "chunked"  # chunked | full
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +56,75 @@ def gpt_config(model_cfg, vocab_size: int) -> GPTConfig:
         raise ValueError(f"model.n_embd ({sizes['n_embd']}) must be divisible by model.n_head ({sizes['n_head']})")
     m = model_cfg.vocab_multiple
     return GPTConfig(vocab_size=-(-vocab_size // m) * m, dropout=model_cfg.dropout, bias=model_cfg.bias,
-                     attention=model_cfg.attention, **sizes)
+                     attention=model_cfg.attention, sdpa_backend=model_cfg.sdpa_backend, loss=model_cfg.loss,
+                     **sizes)
+
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+LOSS_CHUNK_ELEMENTS = 1 << 26  # logits per chunk of chunked_cross_entropy: 256 MiB in fp32
+
+
+def sdpa_context(backend: str, q: torch.Tensor):
+    """The SDPA kernel choice for ``q``: CUDA only (CPU keeps torch's); ``auto`` is the memory-efficient
+    kernel for fp32 (flash has none; exact softmax without the T×T scores) and torch's order otherwise."""
+    if q.device.type != "cuda":
+        return nullcontext()
+    if backend == "auto":
+        return sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION) if q.dtype == torch.float32 else nullcontext()
+    return sdpa_kernel(SDPA_BACKENDS[backend])
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(h_i Wᵀ, y_i) and its gradients, chunk by chunk over the N tokens:
+
+        z = h_c Wᵀ;  ℓ_i = logsumexp(z_i) − z_{i,y_i};  ∂/∂z = softmax(z) − onehot(y)
+        ∂/∂h_c = (∂/∂z) W / N,   ∂/∂W = Σ_c (∂/∂z)ᵀ h_c / N
+
+    The matmuls run in ``dtype`` (autocast's, or W's), the softmax in at least fp32 (as autocast's
+    cross_entropy); the gradients are kept from the forward and scaled by the incoming one in backward."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk: int, dtype):
+        hc_all, wc, acc = h.to(dtype), w.to(dtype), torch.promote_types(dtype, torch.float32)
+        n = h.shape[0]
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        gh = torch.empty(h.shape, dtype=dtype, device=h.device)
+        gw = torch.zeros(w.shape, dtype=acc, device=w.device)
+        for s in range(0, n, chunk):
+            hc, yc = hc_all[s:s + chunk], y[s:s + chunk, None]
+            logp = torch.log_softmax(hc @ wc.T, dim=-1, dtype=acc)
+            loss -= logp.gather(1, yc).sum()
+            dz = logp.exp_().scatter_add_(1, yc, torch.full_like(yc, -1, dtype=acc)).to(dtype)
+            gh[s:s + chunk] = dz @ wc
+            gw.addmm_(dz.T, hc) if dtype == acc else gw.add_(dz.T @ hc)
+        ctx.save_for_backward(gh, gw.div_(n))
+        ctx.n, ctx.h_dtype = n, h.dtype
+        return loss / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        gh, gw = ctx.saved_tensors
+        return gh.to(ctx.h_dtype) * (grad / ctx.n), gw * grad, None, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor, chunk: int | None = None):
+    """mean token cross-entropy of the logits h Wᵀ (h: (N, C), w: (V, C), y: (N,)) without the (N, V)
+    logits: ``chunk`` tokens at a time (default: LOSS_CHUNK_ELEMENTS / V, a multiple of 64). Under
+    autocast the matmuls run in its dtype. Not twice differentiable (the Hessian uses the full logits)."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w.dtype
+    if dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(dev):
+        dtype = w.dtype  # low-precision weights without autocast: matmuls in them, softmax in fp32
+    chunk = chunk or max(64, LOSS_CHUNK_ELEMENTS // w.shape[0] // 64 * 64)
+    with torch.autocast(dev, enabled=False):
+        if torch.is_grad_enabled() and (h.requires_grad or w.requires_grad):
+            return _LinearCrossEntropy.apply(h, w, y, chunk, dtype)
+        hc, wc, acc = h.to(dtype), w.to(dtype), torch.promote_types(dtype, torch.float32)
+        total = sum(-torch.log_softmax(hc[s:s + chunk] @ wc.T, -1, dtype=acc)
+                    .gather(1, y[s:s + chunk, None]).sum() for s in range(0, h.shape[0], chunk))
+        return total / h.shape[0]
 
 
 class CausalSelfAttention(nn.Module):
@@ -55,11 +132,14 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         if cfg.attention not in ("naive", "sdpa"):
             raise ValueError(f"attention {cfg.attention!r}; allowed: naive, sdpa")
+        if cfg.sdpa_backend != "auto" and cfg.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend {cfg.sdpa_backend!r}; allowed: auto, {', '.join(SDPA_BACKENDS)}")
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.n_head, self.n_embd, self.dropout, self.attention = cfg.n_head, cfg.n_embd, cfg.dropout, cfg.attention
+        self.sdpa_backend = cfg.sdpa_backend
         mask = torch.tril(torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool))
         self.register_buffer("mask", mask.view(1, 1, cfg.block_size, cfg.block_size), persistent=False)
 
@@ -68,8 +148,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
+            with sdpa_context(self.sdpa_backend, q):
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                                   is_causal=True)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             att = att.masked_fill(~self.mask[:, :, :T, :T], float("-inf"))
@@ -106,6 +187,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        if cfg.loss not in ("chunked", "full"):
+            raise ValueError(f"loss {cfg.loss!r}; allowed: chunked, full")
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
@@ -136,7 +219,8 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, V) and, given targets, the mean token cross-entropy."""
+        """(logits (B, T, V), None), or given targets the mean token cross-entropy: (None, loss) with
+        ``loss="chunked"`` (no logits are formed), (logits, loss) with ``loss="full"``."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
@@ -144,7 +228,10 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None and self.config.loss == "chunked":
+            return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             # Under autocast, cross_entropy already runs in fp32 (autocast's fp32 op list) straight from the

@@ -12,6 +12,10 @@ A *family* (sgd.py, signum.py, adam.py, mada.py) is a few pure-ish functions in 
     ctx ← hypergrad(...) / prepare(...)  (family hooks: MADA's coefficient step, Adam's global v)
     d̃ ← update(g̃, state, hp, ctx);  θ ← θ·(1 − lr·wd) [decoupled: signum, adamw, mada];  θ ← θ − lr·R⁻¹(d̃)
 
+The family update runs either per tensor (the reference, ``family.update`` / ``update_many``) or, with
+``fused_step`` (``optimizer.fused``, default on CUDA), as one compiled multi-tensor step per (param
+group, step count) from ``rayexp.optim.fused``.
+
 Hyperparameters live in ``param_groups`` (the train loop sets ``group["lr"]`` every step), per-parameter
 state in ``self.state`` and optimizer-wide state (step count, MADA coefficients) in ``self.extra``; all
 three round-trip through ``state_dict()`` / ``load_state_dict()``.
@@ -66,9 +70,11 @@ class ZooOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups: list[dict], family: Family, defaults: dict,
-                 rotation_cfg: Optional[RotationConfig] = None, settings: Optional[dict] = None):
+                 rotation_cfg: Optional[RotationConfig] = None, settings: Optional[dict] = None,
+                 fused_step: Optional[Callable] = None):
         super().__init__(param_groups, defaults)
         self.family = family
+        self.fused_step = fused_step  # rayexp.optim.fused.STEPS[family.name], or None: the per-tensor reference
         self.params_flat = [p for g in self.param_groups for p in g["params"]]
         self.rotation = Rotation(self.params_flat, rotation_cfg or RotationConfig())
         self.extra: dict = {"t": 0}
@@ -120,6 +126,14 @@ class ZooOptimizer(torch.optim.Optimizer):
             rgrads = rot.rotate(idx, [it.g for it in items], states)
         if fam.prepare:
             ctx.update(fam.prepare(self, items, rgrads))
+        (self._step_fused if self.fused_step else self._step_reference)(items, rgrads, ctx)
+        for group in self.param_groups:
+            group["lr_used"] = group["lr"]  # MADA's hypergradient needs the previous step's lr
+        return loss
+
+    def _step_reference(self, items: list[Item], rgrads: list, ctx: dict) -> None:
+        """The per-tensor step: ``family.update`` (or ``update_many``), un-rotate, apply."""
+        rot, fam = self.rotation, self.family
         if rot.kind == "none" and fam.update_many is not None:
             items, rgrads = self._step_many(items, rgrads, ctx)
         directions = []
@@ -131,11 +145,34 @@ class ZooOptimizer(torch.optim.Optimizer):
             else:
                 self._apply(it, rot.unrotate([it.index], [d], [it.state])[0])
         if directions:
-            for it, d in zip(items, rot.unrotate(idx, directions, states)):
+            for it, d in zip(items, rot.unrotate([it.index for it in items], directions,
+                                                 [it.state for it in items])):
                 self._apply(it, d)
-        for group in self.param_groups:
-            group["lr_used"] = group["lr"]  # MADA's hypergradient needs the previous step's lr
-        return loss
+
+    def _step_fused(self, items: list[Item], rgrads: list, ctx: dict) -> None:
+        """``fused_step`` once per (param group, step count) bucket; θ updated inside it without a rotation,
+        else its directions are un-rotated (global: all together, in item order) and applied here."""
+        rot, buckets = self.rotation, {}
+        for it, g in zip(items, rgrads):
+            buckets.setdefault((id(it.group), int(it.state["step"].item())), []).append((it, g))
+        directions = {}
+        for pairs in buckets.values():
+            its = [it for it, _ in pairs]
+            for it in its:
+                it.state["step"] += 1
+            ds = self.fused_step([it.p for it in its], [g for _, g in pairs], [it.state for it in its],
+                                 its[0].group, ctx, rot.kind == "none")
+            directions.update(zip((it.index for it in its), ds or ()))
+        if rot.kind == "none":
+            return
+        ds = [directions[it.index] for it in items]
+        idx, states = [it.index for it in items], [it.state for it in items]
+        if rot.kind == "global":
+            ds = rot.unrotate(idx, ds, states)
+        else:
+            ds = [rot.unrotate([i], [d], [st])[0] for i, d, st in zip(idx, ds, states)]
+        for it, d in zip(items, ds):
+            self._apply(it, d)
 
     def _step_many(self, items: list[Item], grads: list, ctx: dict) -> tuple[list[Item], list]:
         """Step items with ``family.update_many`` per (param group, step count); returns those it left."""

@@ -7,6 +7,7 @@ import torch.nn as nn
 from rayexp.config import MADA_COEFS, ConfigError, OptimizerConfig, RotationConfig
 from rayexp.optim.adam import ADAM, ADAMW, GRANULARITIES
 from rayexp.optim.core import Family, ZooOptimizer
+from rayexp.optim.fused import STEPS
 from rayexp.optim.mada import MADA
 from rayexp.optim.sgd import SGD
 from rayexp.optim.signum import SIGNUM
@@ -52,7 +53,15 @@ def build_optimizer(model: nn.Module, opt_cfg: OptimizerConfig,
         raise ConfigError(f"optimizer.lr: must be >= 0 (got {opt_cfg.lr})")
     defaults, settings = hyperparameters(opt_cfg)
     return ZooOptimizer(param_groups(model, opt_cfg.weight_decay), OPTIMIZERS[opt_cfg.name], defaults,
-                        rotation_cfg or RotationConfig(), settings)
+                        rotation_cfg or RotationConfig(), settings,
+                        STEPS[opt_cfg.name] if use_fused(model, opt_cfg) else None)
+
+
+def use_fused(model: nn.Module, opt_cfg: OptimizerConfig) -> bool:
+    """``optimizer.fused``: true/false as given; auto means on when the parameters live on CUDA."""
+    if opt_cfg.fused == "auto":
+        return any(p.is_cuda for p in model.parameters())
+    return opt_cfg.fused
 
 
 def is_elementwise(opt_cfg: OptimizerConfig, rotation_cfg: RotationConfig | None = None) -> bool:

@@ -202,11 +202,12 @@ class _Loop:
             loss_sum /= self.world
         if self.engine is not None:
             return loss_sum.item(), float(self.engine.get_global_grad_norm() or float("nan"))
+        # clip and norm stay on the device (foreach kernels, no .item()): the one host sync is the .tolist() below
         params = [p for p in self.model.parameters() if p.grad is not None]
         if t.clip:
             gnorm = torch.nn.utils.clip_grad_norm_(params, t.clip)
         else:
-            gnorm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+            gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
         self.optimizer.step()
         loss_f, gnorm_f = torch.stack([loss_sum, gnorm.to(loss_sum)]).tolist()
         return loss_f, gnorm_f
