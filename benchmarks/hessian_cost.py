@@ -1,27 +1,28 @@
-"""Cost of curvature on GPT-2: HVP vs gradient time and memory, top eigenvalue vs PyHessian, SLQ over actors.
+"""Cost of curvature on GPT-2 124M on one GPU, with PyHessian in the same process.
 
-    python benchmarks/hessian_cost.py [--tiny] [--parts hvp,eig,slq] [--out results.json]
+    python benchmarks/hessian_cost.py --parts products,eig,tasks,params,slq [--tiny] [--out results.json]
 
-Model: GPT-2 124M (naive attention, dropout 0, fp32, TF32 off), briefly trained (``--train-steps``
-AdamW steps, bf16+sdpa, on the builtin corpus's bytes) so the Hessian is not that of the
-initialization; one fixed batch of ``--batch``×1024 tokens from the same corpus.
+Model: GPT-2 124M (dropout 0, fp32, TF32 off unless a row says tf32), briefly trained (``--train-steps``
+AdamW steps, bf16+sdpa, on the builtin corpus's bytes) so the Hessian is not that of the initialization;
+fixed batches of ``--batch``×1024 tokens from the same corpus.
 
-- hvp: seconds per Hessian-vector product ``rayexp.hessian.HVP`` (``fwd_rev``: jvp of grad;
-  ``double_backward``: ∇(∇ℓ·v)) over the seconds per gradient (the same functional loss, ``op.grad()``,
-  and plain ``loss.backward()``), with peak GPU memory of each.
-- eig: top |eigenvalue| by rayexp's Lanczos (full reorthogonalization; the first step j whose top Ritz
-  value moved < ``--lanczos-tol`` relative to step j−1; every step timed), by rayexp's power iteration
-  (PyHessian's algorithm on rayexp's HVP) and by PyHessian 0.1's ``hessian(model, criterion,
-  data=(x, y)).eigenvalues(top_n=1)`` (its wheel from .anchors/; the model wrapped to return flat logits).
-- slq: ``ShardedHessian(...).slq(probes, steps)`` with 1, 2, 4 Ray actors on gpt2-mini (4×256 tokens per
-  batch, 4 batches): actors share the visible GPUs (fractional GPUs when fewer GPUs than actors), plus a
-  local no-Ray ``slq`` on the same operator.
+- products: seconds and peak memory of one Hessian-vector product per mode (``cached``: one backward
+  through a kept first-order graph; ``double_backward``; ``fwd_rev``; ``fd``: central difference) and
+  precision (fp32, tf32), naive attention and the SDPA math kernel, over the seconds of a strict-fp32
+  gradient (``loss.backward()``); relative error of Hv against an fp64 product.
+- eig: time to the top eigenvalue within 1e-3 of its converged value: rayexp's Lanczos (cached fp32 and
+  tf32 products, every step timed) vs PyHessian 0.1's power iteration (its wheel unpacked in .anchors/ph).
+- tasks: ``rayexp.hessian.analyze`` per task with the defaults (budget ``--budget-gib``): HVPs, seconds, peak GiB.
+- params: ``shard=params`` over 2 processes sharing the GPU (the Operator/Comm code the Ray actors run,
+  over gloo; Ray itself is not on this machine): top eigenvalues vs one process, θ and vector share per process.
+- slq: SLQ with ``--probes`` × ``--slq-steps`` on 124M through ``analyze``: wall time and peak memory.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import gc
+import os
 import statistics
 import sys
 import time
@@ -31,8 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _common import (ANCHORS, device, device_name, peak_memory_gib, peak_memory_reset, sync, table, time_fn,
-                     write_json)
+from _common import ANCHORS, device, device_name, peak_memory_gib, peak_memory_reset, sync, table, time_fn, write_json
 
 from rayexp.models.gpt2 import GPT, GPTConfig, PRESETS
 
@@ -86,40 +86,44 @@ def timed(fn, warmup: int, reps: int) -> tuple[float, float]:
     return statistics.median(times), peak_memory_gib()
 
 
-def hvp_part(model, x, y, args) -> list[dict]:
-    from rayexp.hessian import HVP
-    rows = []
-    op = HVP(model, [(x, y)], mode="fwd_rev", dtype="fp32")
-    v = torch.randn(op.d, device=x.device)
-    g_s, g_mem = timed(op.grad, 1, args.reps)
-    params = [p for p in model.parameters()]
+def with_attention(model: GPT, attention: str) -> GPT:
+    other = GPT(GPTConfig(**{**model.config.to_dict(), "attention": attention})).to(next(model.parameters()).device)
+    other.load_state_dict(model.state_dict())
+    return other.eval()
+
+
+def products_part(model, batches, args) -> list[dict]:
+    from rayexp.hessian import HVP, Operator
+    x, y = batches[0]
+    params = list(model.parameters())
 
     def backward():
         for p in params:
             p.grad = None
         with torch.enable_grad():
             model(x, y)[1].backward()
-    b_s, b_mem = timed(backward, 1, args.reps)
+    g_s, g_mem = timed(backward, 1, args.reps)
     for p in params:
         p.grad = None
-    rows.append({"what": "gradient, op.grad() (torch.func.grad)", "s": g_s, "ratio": 1.0, "mem_gib": g_mem})
-    rows.append({"what": "gradient, loss.backward()", "s": b_s, "ratio": b_s / g_s, "mem_gib": b_mem})
-    for mode in ("fwd_rev", "double_backward"):
-        op_m = HVP(model, [(x, y)], mode=mode, dtype="fp32")
+    rows = [{"product": "gradient, loss.backward() (strict fp32)", "s": g_s, "ratio": 1.0, "mem_gib": g_mem}]
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64, device=x.device)
+    ref = Operator(HVP(model, [(x, y)], mode="double_backward", dtype="fp64")).matvec(v)
+    gc.collect()
+    cases = [("cached", "fp32", "naive"), ("cached", "fp32", "sdpa"), ("cached", "tf32", "naive"),
+             ("double_backward", "fp32", "naive"), ("fwd_rev", "fp32", "naive"), ("fd", "fp32", "naive")]
+    for mode, dtype, att in cases:
+        m = model if att == "naive" else with_attention(model, att)
         try:
-            s, mem = timed(lambda: op_m(v), 1, args.reps)
-            rows.append({"what": f"HVP {mode}", "s": s, "ratio": s / g_s, "ratio_backward": s / b_s, "mem_gib": mem})
+            op = Operator(HVP(m, [(x, y)], mode=mode, dtype=dtype))
+            out = op.matvec(v)  # builds a cached graph outside the clock
+            err = float((out - ref).norm() / ref.norm())
+            s, mem = timed(lambda: op.matvec(v), 1, args.reps)
+            rows.append({"product": f"HVP {mode} {dtype} {att}", "s": s, "ratio": s / g_s, "mem_gib": mem, "rel_err": err})
         except torch.OutOfMemoryError as e:
-            rows.append({"what": f"HVP {mode}", "s": float("nan"), "ratio": float("nan"), "mem_gib": float("nan"),
-                         "note": f"OOM: {str(e)[:80]}"})
-        del op_m
+            rows.append({"product": f"HVP {mode} {dtype} {att}", "note": f"OOM {str(e)[:60]}"})
+        op = out = None
         gc.collect()
         peak_memory_reset()
-    # a sanity check that the two modes agree (relative difference of Hv)
-    a = HVP(model, [(x, y)], mode="fwd_rev", dtype="fp32")(v)
-    b = HVP(model, [(x, y)], mode="double_backward", dtype="fp32")(v)
-    rows.append({"what": "rel. diff fwd_rev vs double_backward Hv", "s": float("nan"),
-                 "ratio": float((a - b).norm() / b.norm()), "mem_gib": float("nan")})
     return rows
 
 
@@ -135,62 +139,53 @@ class FlatLogits(nn.Module):
         return logits.reshape(-1, logits.size(-1))
 
 
-def eig_part(model, x, y, args) -> list[dict]:
-    from rayexp.hessian import HVP
-    from rayexp.hessian.lanczos import lanczos, power_iteration
-    from rayexp.hessian.probes import probe
-    rows = []
-    op = HVP(model, [(x, y)], mode=args.eig_mode, dtype="fp32")
-    # Lanczos: time every step; the Ritz values of step j are those of T's leading j×j block.
-    # start vector drawn (on the CPU, 124M float64 Gaussians) and one HVP run before the clock starts
-    v0 = probe(op.d, "gaussian", 0, 0, kind="lanczos").to(x.device)
-    op(v0)
+def lanczos_rows(model, batches, dtype: str, steps: int, ref=None) -> tuple[list[dict], list[float]]:
+    """rayexp Lanczos from the mean gradient with cached products, every step timed."""
+    from rayexp.hessian import HVP, Operator
+    from rayexp.hessian.lanczos import lanczos
+    op = Operator(HVP(model, batches, mode="cached", dtype=dtype))
+    op.products.build_graphs()
+    g = op.grad()
     stamps = []
     peak_memory_reset()
     sync()
     t0 = time.perf_counter()
 
-    def cb(j):
+    def cb(_):
         sync()
         stamps.append(time.perf_counter() - t0)
-    tri = lanczos(op, v0, args.lanczos_steps, callback=cb)
+    T = lanczos(op, g, steps, "full", callback=cb).matrix()
     mem = peak_memory_gib()
-    T = tri.matrix()
-    tops = [float(max(np.linalg.eigvalsh(T[:j, :j]), key=abs)) for j in range(1, tri.steps + 1)]
-    conv = next((j for j in range(2, len(tops) + 1) if abs(tops[j - 1] - tops[j - 2]) <= args.lanczos_tol * abs(tops[j - 1])),
-                len(tops))
-    rows.append({"method": f"rayexp Lanczos ({args.eig_mode}), stop at Δλ/λ<{args.lanczos_tol:g}", "lambda": tops[conv - 1],
-                 "hvps": conv, "s": stamps[conv - 1], "mem_gib": mem})
-    rows.append({"method": f"rayexp Lanczos, all {tri.steps} steps", "lambda": tops[-1], "hvps": tri.steps,
-                 "s": stamps[-1], "mem_gib": mem})
-    ref = tops[-1]
-    hit = next(j for j in range(1, len(tops) + 1) if abs(tops[j - 1] - ref) <= 1e-3 * abs(ref))
-    rows.append({"method": "rayexp Lanczos, first step within 1e-3 of its 30-step value", "lambda": tops[hit - 1],
-                 "hvps": hit, "s": stamps[hit - 1], "mem_gib": mem})
-    # power iteration on rayexp's HVP (PyHessian's algorithm, rayexp's engine)
-    peak_memory_reset()
+    tops = [float(np.linalg.eigvalsh(T[:j, :j])[-1]) for j in range(1, len(T) + 1)]
+    ref = tops[-1] if ref is None else ref
+    hit = next((j for j in range(1, len(tops) + 1) if abs(tops[j - 1] - ref) <= 1e-3 * abs(ref)), len(tops))
+    return [{"method": f"rayexp Lanczos, cached {dtype}, first step within 1e-3", "lambda": tops[hit - 1], "hvps": hit,
+             "s": stamps[hit - 1] + g_time(op), "mem_gib": mem},
+            {"method": f"rayexp Lanczos, cached {dtype}, {len(tops)} steps", "lambda": tops[-1], "hvps": len(tops),
+             "s": stamps[-1], "mem_gib": mem}], tops
+
+
+def g_time(op) -> float:
     sync()
     t0 = time.perf_counter()
-    lam, used = power_iteration(op, op.d, k=1, iters=100, tol=1e-3, device=x.device)
+    op.grad()
     sync()
-    rows.append({"method": f"rayexp power iteration ({args.eig_mode}), tol 1e-3", "lambda": float(lam[0]), "hvps": used,
-                 "s": time.perf_counter() - t0, "mem_gib": peak_memory_gib()})
-    del op
-    gc.collect()
-    # PyHessian 0.1
+    return time.perf_counter() - t0
+
+
+def pyhessian_rows(model, batches, tols) -> list[dict]:
+    sys.path.insert(0, str(ANCHORS / "ph"))
     try:
-        sys.path.insert(0, str(ANCHORS / "ph"))
         from pyhessian import hessian
     except ImportError:
-        print("PyHessian missing: unzip .anchors/PyHessian-0.1-py3-none-any.whl into .anchors/ph", flush=True)
-        return [dict(r, rel_vs_lanczos=abs(r["lambda"] - ref) / abs(ref)) for r in rows]
-    for tol in args.pyhessian_tol:
+        return [{"method": "PyHessian missing (unzip its wheel into .anchors/ph)"}]
+    x, y = batches[0]
+    rows = []
+    ph_mod = sys.modules["pyhessian.hessian"]
+    inner = ph_mod.hessian_vector_product
+    for tol in tols:
         wrapped = FlatLogits(copy.deepcopy(model))
-        for p in wrapped.parameters():
-            p.grad = None
         count = {"n": 0}
-        ph_mod = sys.modules["pyhessian.hessian"]  # the module (the package re-exports the class by that name)
-        inner = ph_mod.hessian_vector_product
 
         def counting(*a, **k):
             count["n"] += 1
@@ -200,94 +195,139 @@ def eig_part(model, x, y, args) -> list[dict]:
         torch.manual_seed(0)
         sync()
         t0 = time.perf_counter()
-        try:
-            h = hessian(wrapped, lambda out, tgt: F.cross_entropy(out, tgt.reshape(-1)), data=(x, y),
-                        cuda=x.device.type == "cuda")
-            eigs, _ = h.eigenvalues(maxIter=100, tol=tol, top_n=1)
-            sync()
-            rows.append({"method": f"PyHessian 0.1 power iteration, tol {tol:g}", "lambda": float(eigs[0]),
-                         "hvps": count["n"], "s": time.perf_counter() - t0, "mem_gib": peak_memory_gib()})
-        except torch.OutOfMemoryError as e:
-            rows.append({"method": f"PyHessian 0.1, tol {tol:g}", "lambda": float("nan"), "hvps": 0,
-                         "s": float("nan"), "mem_gib": float("nan"), "note": f"OOM {str(e)[:60]}"})
-        finally:
-            ph_mod.hessian_vector_product = inner
-        for p in wrapped.parameters():
-            p.grad = None
-        del wrapped
-        h = None
+        h = hessian(wrapped, lambda out, tgt: F.cross_entropy(out, tgt.reshape(-1)), data=(x, y), cuda=x.is_cuda)
+        eigs, _ = h.eigenvalues(maxIter=100, tol=tol, top_n=1)
+        sync()
+        rows.append({"method": f"PyHessian 0.1 power iteration, tol {tol:g}", "lambda": float(eigs[0]),
+                     "hvps": count["n"], "s": time.perf_counter() - t0, "mem_gib": peak_memory_gib()})
+        ph_mod.hessian_vector_product = inner
+        del wrapped, h
         gc.collect()
-    lanczos_s = rows[0]["s"]
-    for r in rows:
-        r["rel_vs_lanczos"] = abs(r["lambda"] - ref) / abs(ref)
-        r["speedup_of_lanczos"] = r["s"] / lanczos_s
-        r["s_per_hvp"] = r["s"] / r["hvps"] if r["hvps"] else float("nan")
     return rows
 
 
-def slq_part(args, dev, tokens) -> list[dict]:
-    import ray
-    from rayexp.hessian import HVP, slq
-    from rayexp.hessian.distributed import ShardedHessian
-    sz = sizes(args.tiny)
-    # vocab 256: the corpus is bytes, and SLQ keeps probes × steps float64 Lanczos vectors of length d
-    model = trained_model(sz["slq_model"], 256, 0, sz["slq_batch"], tokens, dev)
-    T = sz["slq_model"]["block_size"]
-    batches = [tuple(t.cpu() for t in batch(tokens, sz["slq_batch"], T, 100 + i, "cpu")) for i in range(args.slq_batches)]
+def eig_part(model, batches, args) -> list[dict]:
+    rows, tops = lanczos_rows(model, batches, "fp32", args.lanczos_steps)
+    ref = tops[-1]
+    gc.collect()
+    rows += lanczos_rows(model, batches, "tf32", args.lanczos_steps, ref)[0]
+    gc.collect()
+    rows += pyhessian_rows(model, batches, args.pyhessian_tol)
+    for r in rows:
+        if "lambda" in r:
+            r["rel_err"] = abs(r["lambda"] - ref) / abs(ref)
+            r["s_per_hvp"] = r["s"] / r["hvps"]
+    return rows
+
+
+def tasks_part(model, batches, args) -> list[dict]:
+    from rayexp.config import HessianConfig
+    from rayexp.hessian import analyze
+    blocks = ["transformer.h.0.attn.c_attn.weight.*", "transformer.h.11.mlp.c_fc.weight"]
     rows = []
-    op = HVP(model, batches, mode="fwd_rev", dtype="fp32", device=dev)
-    slq(op, op.d, probes=args.probes, steps=2)  # warm-up: CUDA kernels, vmap tracing
-    sync()
+    for task, extra in [("top_eigs", {}), ("trace", {}), ("l11", {}), ("grad_heterogeneity", {}),
+                        ("slq_blocks", {"blocks": blocks, "probes": 2, "slq_steps": 20}),
+                        ("block_curvature", {"blocks": blocks, "curvature_steps": 10})]:
+        cfg = HessianConfig(tasks=[task], memory_gib=args.budget_gib, **extra)
+        peak_memory_reset()
+        try:
+            t0 = time.perf_counter()
+            res = analyze(model, batches, cfg, progress=False)
+            rows.append({"task": task, "settings": ", ".join(f"{k}={v}" for k, v in extra.items() if k != "blocks") or "defaults",
+                         "hvps": res["hvps"], "s": time.perf_counter() - t0, "peak_gib": peak_memory_gib(),
+                         "plan": res["plan"].splitlines()[0][:160]})
+        except Exception as e:  # noqa: BLE001 - a row says what failed
+            rows.append({"task": task, "note": f"{type(e).__name__}: {str(e)[:120]}"})
+        gc.collect()
+    return rows
+
+
+def slq_part(model, batches, args) -> list[dict]:
+    from rayexp.config import HessianConfig
+    from rayexp.hessian import analyze
+    cfg = HessianConfig(tasks=["slq"], probes=args.probes, slq_steps=args.slq_steps, memory_gib=args.budget_gib)
+    peak_memory_reset()
     t0 = time.perf_counter()
-    q = slq(op, op.d, probes=args.probes, steps=args.slq_steps)
-    sync()
-    base = time.perf_counter() - t0
-    rows.append({"actors": "local (no Ray)", "gpus_per_actor": "-", "s": base, "startup_s": 0.0,
-                 "moment1": q.moment(1), "speedup": 1.0})
+    res = analyze(model, batches, cfg, progress=True)
+    return [{"task": f"slq {args.probes} probes x {args.slq_steps} steps", "hvps": res["hvps"],
+             "s": time.perf_counter() - t0, "peak_gib": peak_memory_gib(), "moment1": res["metrics"]["slq_moment1"],
+             "plan": res["plan"].splitlines()[0][:160]}]
+
+
+def _params_worker(rank, world, port, model, batches, steps, q):
+    import torch.distributed as dist
+    from rayexp.config import HessianConfig
+    from rayexp.hessian.lanczos import top_eigs
+    from rayexp.hessian.operator import Comm
+    from rayexp.hessian.plan import build_operator
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    comm = Comm("params", dist.group.WORLD)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(dev)
+    d = flat.numel()
+    theta = flat[comm.span(d)].clone()
+    del flat
+    cuts = [round(i * len(batches) / world) for i in range(world + 1)]
+    ids = list(range(cuts[rank], cuts[rank + 1]))
+    cfg = HessianConfig(mode="double_backward", dtype="fp32")
+    op = build_operator(model.to(dev), [batches[i] for i in ids], cfg, comm=comm, n_batches=len(batches),
+                        batch_ids=ids, theta_fn=lambda: comm.gather(theta, d), device=dev)
+    for p in op.products.model.parameters():
+        p.data = torch.empty(0, device=dev)
+    peak_memory_reset()
+    t0 = time.perf_counter()
+    top = top_eigs(op, k=3, steps=steps, v0=op.grad())
+    q.put({"rank": rank, "top": top.tolist(), "params": theta.numel(), "vector": op.span.stop - op.span.start, "d": d,
+           "s": time.perf_counter() - t0, "peak_gib": peak_memory_gib()})
+    dist.destroy_process_group()
+
+
+def params_part(model, batches, args) -> list[dict]:
+    import torch.multiprocessing as mp
+    from rayexp.hessian import HVP, Operator
+    from rayexp.hessian.lanczos import top_eigs
+    op = Operator(HVP(model, batches, mode="double_backward", dtype="fp32"))
+    peak_memory_reset()
+    t0 = time.perf_counter()
+    ref = top_eigs(op, k=3, steps=args.params_steps, v0=op.grad())
+    rows = [{"run": "1 process", "top1": ref[0], "top3": ref[2], "s": time.perf_counter() - t0,
+             "peak_gib": peak_memory_gib(), "params": op.d, "vector": op.d}]
     del op
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the actors need the memory this process cached
-    n_gpu = torch.cuda.device_count()
-    ray.init(num_cpus=max(4, args.max_actors), num_gpus=n_gpu, include_dashboard=False, log_to_driver=False)
-    try:
-        for n in (1, 2, 4):
-            if n > args.max_actors:
-                break
-            gpa = min(1.0, n_gpu / n) if n_gpu else 0.0
-            t0 = time.perf_counter()
-            sh = ShardedHessian(copy.deepcopy(model).cpu(), batches, actors=n, gpus_per_actor=gpa, mode="fwd_rev",
-                                dtype="fp32")
-            sh.count  # waits until every actor is constructed
-            sh.slq(n, 2)  # warm-up: one short probe per actor (CUDA context, kernels)
-            start = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            q = sh.slq(args.probes, args.slq_steps)
-            s = time.perf_counter() - t0
-            sh.shutdown()
-            rows.append({"actors": n, "gpus_per_actor": gpa, "s": s, "startup_s": start, "moment1": q.moment(1),
-                         "speedup": base / s})
-            print(f"  SLQ {n} actors: {s:.2f} s (+{start:.1f} s start-up)", flush=True)
-    finally:
-        ray.shutdown()
+    peak_memory_reset()
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    cpu_model = copy.deepcopy(model).cpu()
+    cpu_batches = [(x.cpu(), y.cpu()) for x, y in batches]
+    procs = [ctx.Process(target=_params_worker, args=(r, 2, 29517, cpu_model, cpu_batches, args.params_steps, q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    outs = sorted([q.get(timeout=600) for _ in procs], key=lambda o: o["rank"])
+    for p in procs:
+        p.join()
+    for o in outs:
+        rows.append({"run": f"shard=params rank {o['rank']}/2", "top1": o["top"][0], "top3": o["top"][2], "s": o["s"],
+                     "peak_gib": o["peak_gib"], "params": o["params"], "vector": o["vector"],
+                     "rel_top1": abs(o["top"][0] - ref[0]) / abs(ref[0])})
     return rows
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny models on CPU (smoke run)")
-    ap.add_argument("--parts", default="hvp,eig,slq")
-    ap.add_argument("--batch", type=int, default=None, help="sequences in the fixed batch (default 4; tiny 2)")
+    ap.add_argument("--parts", default="products,eig,tasks,params")
+    ap.add_argument("--tiny", action="store_true", help="a tiny GPT (CPU smoke test)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per fixed batch (default 4; tiny 2)")
     ap.add_argument("--train-steps", type=int, default=None, help="AdamW steps before measuring (default 50; tiny 5)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--eig-mode", default="fwd_rev", choices=["fwd_rev", "double_backward"])
     ap.add_argument("--lanczos-steps", type=int, default=30)
-    ap.add_argument("--lanczos-tol", type=float, default=1e-4)
     ap.add_argument("--pyhessian-tol", type=lambda s: [float(t) for t in s.split(",")], default=[1e-3, 1e-4])
-    ap.add_argument("--probes", type=int, default=8)
-    ap.add_argument("--slq-steps", type=int, default=20)
-    ap.add_argument("--slq-batches", type=int, default=4)
-    ap.add_argument("--max-actors", type=int, default=4)
+    ap.add_argument("--probes", type=int, default=10)
+    ap.add_argument("--slq-steps", type=int, default=100)
+    ap.add_argument("--params-steps", type=int, default=10)
+    ap.add_argument("--budget-gib", type=float, default=40.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -296,44 +336,32 @@ def main(argv=None) -> dict:
     sz = sizes(args.tiny)
     B = args.batch or sz["batch"]
     tokens = corpus_tokens()
-    parts = args.parts.split(",")
     print(f"device: {device_name()}", flush=True)
-    out = {"argv": sys.argv}
-    if "hvp" in parts or "eig" in parts:
-        steps = args.train_steps if args.train_steps is not None else (5 if args.tiny else 50)
-        model = trained_model(sz["model"], sz["vocab"], steps, 8 if not args.tiny else 2, tokens, dev)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        x, y = batch(tokens, B, sz["model"]["block_size"], 0, dev)
-        label = f"GPT-2 {'tiny' if args.tiny else '124M'} naive attention fp32, batch {B}x{sz['model']['block_size']}"
-        if "hvp" in parts:
-            rows = hvp_part(model, x, y, args)
-            out["hvp"] = rows
-            print(f"\nHVP cost, {label}, {device_name()}")
-            print(table(rows, ["what", "s", "ratio", "ratio_backward", "mem_gib"],
-                        {"s": ".4f", "ratio": ".3g", "ratio_backward": ".3g", "mem_gib": ".2f"}), flush=True)
-        if "eig" in parts:
-            rows = eig_part(model, x, y, args)
-            out["eig"] = rows
-            print(f"\nTop |eigenvalue|, {label}, {device_name()}")
-            print(table(rows, ["method", "lambda", "rel_vs_lanczos", "hvps", "s", "s_per_hvp", "speedup_of_lanczos",
-                                "mem_gib"],
-                        {"lambda": ".6g", "rel_vs_lanczos": ".2e", "s": ".2f", "s_per_hvp": ".3f", "speedup_of_lanczos": ".2f",
-                         "mem_gib": ".2f"}), flush=True)
-        del model
+    steps = args.train_steps if args.train_steps is not None else (5 if args.tiny else 50)
+    model = trained_model(sz["model"], sz["vocab"], steps, 8 if not args.tiny else 2, tokens, dev)
+    T = sz["model"]["block_size"]
+    one = [batch(tokens, B, T, 0, dev)]
+    two = [batch(tokens, B // 2 or 1, T, s, dev) for s in (1, 2)]
+    label = f"GPT-2 {'tiny' if args.tiny else '124M'} fp32, batch {B}x{T}"
+    out = {"argv": sys.argv, "label": label}
+    parts = {"products": (products_part, one, ["product", "s", "ratio", "mem_gib", "rel_err", "note"]),
+             "eig": (eig_part, one, ["method", "lambda", "rel_err", "hvps", "s", "s_per_hvp", "mem_gib"]),
+             "tasks": (tasks_part, one, ["task", "settings", "hvps", "s", "peak_gib", "note", "plan"]),
+             "params": (params_part, two, ["run", "top1", "top3", "rel_top1", "s", "peak_gib", "params", "vector"]),
+             "slq": (slq_part, one, ["task", "hvps", "s", "peak_gib", "moment1", "plan"])}
+    for name in args.parts.split(","):
+        fn, batches, cols = parts[name]
+        t0 = time.perf_counter()
+        rows = fn(model, batches, args)
+        out[name] = rows
+        print(f"\n{name} ({time.perf_counter() - t0:.0f} s), {label}, {device_name()}")
+        print(table(rows, cols, {"s": ".3f", "ratio": ".3g", "mem_gib": ".2f", "peak_gib": ".2f", "rel_err": ".2e",
+                                 "lambda": ".6g", "s_per_hvp": ".3f", "top1": ".6g", "top3": ".6g", "rel_top1": ".2e"}),
+              flush=True)
+        write_json(args.out, out)
         gc.collect()
-    if "slq" in parts:
-        try:
-            rows = slq_part(args, dev, tokens)
-            out["slq"] = rows
-            n_gpu = torch.cuda.device_count()
-            print(f"\nSLQ ({args.probes} probes x {args.slq_steps} steps), gpt2-{'tiny' if args.tiny else 'mini'}, "
-                  f"{args.slq_batches} batches; {n_gpu} GPU(s) shared by the actors; {device_name()}")
-            print(table(rows, ["actors", "gpus_per_actor", "s", "startup_s", "speedup", "moment1"],
-                        {"s": ".2f", "startup_s": ".1f", "speedup": ".2f", "moment1": ".6g"}), flush=True)
-        except ImportError as e:
-            print(f"SLQ over actors skipped: {e}", flush=True)
-    write_json(args.out, out)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return out
 
 

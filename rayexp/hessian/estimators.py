@@ -45,7 +45,7 @@ def rademacher_samples(op: HessianOperator, probes: int, seed: int = 0, diag: bo
     quad, sq = [], []
     diag_sum = torch.zeros(op.span.stop - op.span.start, dtype=torch.float64, device=op.device) if diag else None
     for ids in _chunks(probes, chunk):
-        V = torch.stack([probe(op.d, "rademacher", seed, i, "hutchinson", op.span) for i in ids]).to(op.device)
+        V = torch.stack([probe(op.d, "rademacher", seed, i, "hutchinson", op.span, op.device) for i in ids])
         HV = op.matmat(V)
         sums = op.reduce(torch.cat([(V * HV).sum(1), (HV * HV).sum(1)]))
         quad += sums[:len(ids)].tolist()
@@ -78,25 +78,27 @@ def cauchy_samples(op: HessianOperator, k: int, seed: int = 0, chunk: int = 1, s
     rows = op.span.stop - op.span.start
     out = torch.empty(rows, k, dtype=torch.float32, device=store or op.device)
     for ids in _chunks(k, chunk):
-        V = torch.stack([probe(op.d, "cauchy", seed, t, "l11", op.span) for t in ids]).to(op.device)
+        V = torch.stack([probe(op.d, "cauchy", seed, t, "l11", op.span, op.device) for t in ids])
         out[:, ids.start:ids.stop] = op.matmat(V).T.to(out)
     return out
 
 
-def row_scales(samples: torch.Tensor | np.ndarray, method: str = "median", rows_per_chunk: int = 1 << 20) -> np.ndarray:
-    """Per-row Cauchy scale ‖Hᵢ‖₁ from samples (rows, k): median |x| or half the interquartile range."""
+def row_scales(samples: torch.Tensor | np.ndarray, method: str = "median") -> np.ndarray:
+    """Per-row Cauchy scale ‖Hᵢ‖₁ from samples (rows, k): median |x| or half the interquartile range
+    (linear interpolation between order statistics, as numpy's), on the samples' device, in row chunks."""
     if method not in L11_METHODS:
         raise ValueError(f"unknown 1-1 norm estimator {method!r}; allowed: {', '.join(L11_METHODS)}")
+    x = torch.as_tensor(samples)
+    rows = max(1, (1 << 24) // max(x.shape[1], 1))  # torch.quantile's input limit
     out = []
-    for lo in range(0, len(samples), rows_per_chunk):
-        part = samples[lo:lo + rows_per_chunk]
-        a = (part.double().cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part, dtype=np.float64))
+    for lo in range(0, len(x), rows):
+        part = x[lo:lo + rows].double()
         if method == "median":
-            out.append(np.median(np.abs(a), axis=1))
+            out.append(torch.quantile(part.abs(), 0.5, dim=1))
         else:
-            q1, q3 = np.quantile(a, [0.25, 0.75], axis=1)
-            out.append(0.5 * (q3 - q1))
-    return np.concatenate(out) if out else np.zeros(0)
+            q = torch.quantile(part, torch.tensor([0.25, 0.75], dtype=torch.float64, device=part.device), dim=1)
+            out.append(0.5 * (q[1] - q[0]))
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
 
 
 def l11_summary(row_l1: np.ndarray, blocks: Sequence[Block], prefix: str = "l11") -> dict:
@@ -156,7 +158,7 @@ def block_top_eigs(op: HessianOperator, blocks: Sequence[Block], steps: int = 20
     """λ_max(H_bb) of each block (``which='magnitude'``: the largest |λ|), lockstep Lanczos with full
     reorthogonalization, ``chunk`` blocks sharing one product (0 = all)."""
     views, products = block_products(op, blocks)
-    v0s = [probe(b.size, "gaussian", seed, 0, f"block_top/{b.name}", v.span) for b, v in zip(blocks, views)]
+    v0s = [probe(b.size, "gaussian", seed, 0, f"block_top/{b.name}", v.span, op.device) for b, v in zip(blocks, views)]
     tris = lanczos_runs(op, v0s, steps, "full", products=products, chunk=chunk, dims=[b.size for b in blocks],
                         callback=callback)
     return np.array([select(t.eig()[0], 1, which)[0] for t in tris])

@@ -125,7 +125,10 @@ class HVP:
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.mode, self.precision, self.work = mode, dtype, DTYPES[dtype]
-        self.model = copy.deepcopy(model).to(self.device) if first.device != self.device else model
+        self.model = copy.deepcopy(model).to(self.device)  # its own copy: the kernel choice below is ours
+        for m in self.model.modules():  # rayexp's GPT picks an SDPA kernel itself: make it the exact one
+            if getattr(m, "sdpa_backend", None) not in (None, "math"):
+                m.sdpa_backend = "math"
         named = list(self.model.named_parameters())
         self.names, self.shapes = [n for n, _ in named], [p.shape for _, p in named]
         self.d = sum(p.numel() for _, p in named)

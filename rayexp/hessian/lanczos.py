@@ -155,7 +155,7 @@ def top_eigs(op: HessianOperator, k: int = 5, steps: int = 30, which: str = "lar
     """Extreme eigenvalues of H by Lanczos (see ``select`` for ``which``). ``v0`` defaults to a Gaussian
     probe keyed by ``seed``; seed 000 starts from the normalized mean gradient."""
     if v0 is None:
-        v0 = probe(op.d, "gaussian", seed, 0, "lanczos", op.span)
+        v0 = probe(op.d, "gaussian", seed, 0, "lanczos", op.span, op.device)
     lam, _ = lanczos(op, v0, steps, reorth, **kw).eig()
     return select(lam, k, which)
 

@@ -137,36 +137,53 @@ def _duration(s: float) -> str:
 def make_plan(op: Operator, cfg: HessianConfig, ctx: Context) -> Plan:
     """Measure one product, then place every task's vectors within the budget (see module docstring)."""
     budget = budget_bytes(cfg, op.device)
-    try:
-        secs, peak = first_product(op)
-    except torch.cuda.OutOfMemoryError:
-        raise ConfigError(f"hessian: one Hessian-vector product does not fit on {op.device} "
-                          f"({budget / GIB:.1f} GiB budget); lower hessian.batch_size or use hessian.mode=double_backward "
-                          f"(cached graphs take the most), or shard=params with more actors") from None
+    secs, peak = _measured(op, budget)
     sizes = {"slq_blocks": len(ctx.slq_blocks), "curv_blocks": len(ctx.curv_blocks), "batches": op.n_batches}
     plan = Plan(product_s=secs, product_gib=peak / GIB, budget_gib=budget / GIB, mode=op.products.mode)
     held = _used(op.device)
     local = op.span.stop - op.span.start
     vmap = op.products.mode == "fwd_rev"
     for name in dict.fromkeys(cfg.tasks):
-        t = TASKS[name]
-        plan.hvps[name] = t.hvps(cfg, sizes)
-        keep = t.vectors(cfg, sizes) * 8 * local
-        movable = keep - _base_vectors(name, cfg, sizes) * 8 * local  # a basis or samples
-        free = budget - held - peak - keep
-        if free < 0 < movable and op.device.type == "cuda":  # the host takes the basis or the samples
-            if name == "l11":
-                plan.store = torch.device("cpu")
-            else:
-                plan.basis_device[name] = torch.device("cpu")
-            free += movable
-        if free < 0:
-            raise ConfigError(_does_not_fit(name, cfg, keep, peak, budget, held))
-        per_vec = 32 * local + (peak if vmap else 0)
-        cap = VMAP_CHUNK_MAX if vmap else LOOP_CHUNK_MAX
-        plan.chunk[name] = int(max(1, min(cap, free // max(per_vec, 1))))
-        plan.state_gib[name] = keep / GIB
+        _place(plan, name, cfg, sizes, budget - held - peak, local, vmap, (peak, budget, held), op.device)
     return plan
+
+
+def _measured(op: Operator, budget: float) -> tuple[float, float]:
+    """One product's seconds and extra peak bytes; cached graphs that do not fit give way to double backward."""
+    try:
+        secs, peak = first_product(op)
+        if op.products.mode != "cached" or _used(op.device) + peak <= budget:
+            return secs, peak
+    except torch.cuda.OutOfMemoryError:
+        if op.products.mode != "cached":
+            raise ConfigError(f"hessian: one Hessian-vector product does not fit on {op.device} "
+                          f"({budget / GIB:.1f} GiB budget); lower hessian.batch_size, or shard=params over more actors") from None
+    op.products.free()  # the graphs of every batch do not fit: recompute them per product
+    op.products.mode = "double_backward"
+    if op.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return first_product(op)
+
+
+def _place(plan: Plan, name: str, cfg, sizes: dict, free: float, local: int, vmap: bool, why: tuple, device) -> None:
+    """Chunk and placement of task ``name``'s vectors within ``free`` bytes (basis or samples to the host)."""
+    t = TASKS[name]
+    plan.hvps[name] = t.hvps(cfg, sizes)
+    keep = t.vectors(cfg, sizes) * 8 * local
+    movable = keep - _base_vectors(name, cfg, sizes) * 8 * local  # a basis or samples
+    free -= keep
+    if free < 0 < movable and device.type == "cuda":  # the host takes the basis or the samples
+        if name == "l11":
+            plan.store = torch.device("cpu")
+        else:
+            plan.basis_device[name] = torch.device("cpu")
+        free += movable
+    if free < 0:
+        raise ConfigError(_does_not_fit(name, cfg, keep, *why))
+    per_vec = 32 * local + (why[0] if vmap else 0)
+    cap = VMAP_CHUNK_MAX if vmap else LOOP_CHUNK_MAX
+    plan.chunk[name] = int(max(1, min(cap, free // max(per_vec, 1))))
+    plan.state_gib[name] = keep / GIB
 
 
 def _base_vectors(name: str, cfg, sizes) -> float:

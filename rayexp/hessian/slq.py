@@ -90,7 +90,7 @@ def slq(op: HessianOperator, probes: int = 10, steps: int = 100, seed: int = 0,
     indices = list(range(probes) if indices is None else indices)
     tris = []
     for i in range(0, len(indices), max(chunk, 1)):
-        v0s = [probe(op.d, "gaussian", seed, k, "slq", op.span) for k in indices[i:i + max(chunk, 1)]]
+        v0s = [probe(op.d, "gaussian", seed, k, "slq", op.span, op.device) for k in indices[i:i + max(chunk, 1)]]
         tris += lanczos_runs(op, v0s, steps, reorth, **kw)
     return Quadrature.from_tridiagonals(tris)
 
@@ -105,7 +105,8 @@ def slq_blocks(op: HessianOperator, blocks: Sequence[Block], probes: int = 10, s
     indices = list(range(probes) if indices is None else indices)
     views, products = block_products(op, blocks)
     runs = [(k, i) for k in range(len(blocks)) for i in indices]
-    v0s = [probe(blocks[k].size, "gaussian", seed, i, f"slq/{blocks[k].name}", views[k].span) for k, i in runs]
+    v0s = [probe(blocks[k].size, "gaussian", seed, i, f"slq/{blocks[k].name}", views[k].span, op.device)
+           for k, i in runs]
     tris = lanczos_runs(op, v0s, steps, reorth, products=lambda ids, qs: products([runs[i][0] for i in ids], qs),
                         chunk=chunk, dims=[blocks[k].size for k, _ in runs], **kw)
     n = len(indices)
