@@ -47,7 +47,7 @@ class ModelConfig(_Strict):
     # sdpa kernel on CUDA; auto: torch's choice for bf16/fp16, the memory-efficient kernel for fp32
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     # chunked: fused lm_head + cross-entropy over token chunks, the (B·T, V) logits never materialized
-    loss: Literal["chunked", "full"] = "chunked"
+    loss: Literal["chunked", "full"] = "full"  # chunked: 12% slower on H200 (benchmarks/RESULTS.md), less memory
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = True
     # GPT embedding/head rows rounded up to a multiple of this (nanoGPT's 50257 → 50304): the padded ids

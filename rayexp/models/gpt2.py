@@ -39,7 +39,7 @@ class GPTConfig:
     bias: bool = True
     attention: str = "sdpa"  # naive | sdpa
     sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math (CUDA only)
-    loss: str = "chunked"  # chunked | full
+    loss: str = "full"  # full | chunked (rayexp.config.ModelConfig.loss)
 
     def to_dict(self) -> dict:
         return asdict(self)
