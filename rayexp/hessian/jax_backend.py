@@ -3,7 +3,7 @@
     params = params_from_torch(model)                 # {torch parameter name: jnp array}
     loss_fn(params, x, y, arch(model))                # mean token cross-entropy (= GPT.forward's loss)
     hvp = jax_hvp_fn(model, batches)                  # numpy v ↦ Hv, flat d-vectors
-    Hv  = d/dε ∇L(θ + εv)|_{ε=0} = jax.jvp(jax.grad(L), (θ,), (v,))[1]   (ALGORITHMS.md "HVP")
+    Hv  = d/dε ∇L(θ + εv)|_{ε=0} = jax.jvp(jax.grad(L), (θ,), (v,))[1]   (docs/methods.md "HVP")
 
 The ports follow ``rayexp.models``: GPT-2 (pre-LN blocks, learned positions, exact-erf GELU as
 ``F.gelu``'s default, explicit causal softmax attention, LayerNorm eps 1e-5, optional biases, ``lm_head``
