@@ -239,6 +239,7 @@ HESSIAN_SHARDS = ("data", "params")
 REORTH_MODES = ("none", "full", "selective")
 LANCZOS_TASKS = ("top_eigs", "slq", "slq_blocks", "block_curvature")
 REORTH_DEFAULTS = {"top_eigs": "full", "slq": "none", "slq_blocks": "none", "block_curvature": "full"}
+DURING = ("lambda_max", "trace", "block_lambda_max", "grad_norms", "precond_sharpness")  # hessian.during
 
 
 class HessianConfig(_Strict):
@@ -256,7 +257,9 @@ class HessianConfig(_Strict):
     ``memory_gib``: the budget per device (default: what the device has free); ``shard``: with ``actors`` > 1,
     ``data`` (each actor holds the model and a share of the batches) or ``params`` (each holds 1/N of the
     parameters and of every vector); ``cpus_per_actor`` / ``gpus_per_actor``: Ray resources per actor
-    (default: an equal share of what the cluster has, at most 1).
+    (default: an equal share of what the cluster has, at most 1). During training, every ``every`` steps
+    (0: never) the metrics ``during`` are logged as ``curv/*`` on one fixed batch, with ``during_steps``
+    Lanczos steps (warm-started) and ``during_probes`` Hutchinson probes.
     """
     after_training: bool = False
     tasks: list[Literal[HESSIAN_TASKS]] = Field(default_factory=lambda: ["top_eigs"])
@@ -288,6 +291,10 @@ class HessianConfig(_Strict):
     blocks: Optional[list[str]] = None
     device: Literal[DEVICES] = "auto"
     seed: int = 0
+    every: int = Field(0, ge=0)
+    during: list[Literal[DURING]] = Field(default_factory=lambda: ["lambda_max"])  # type: ignore[valid-type]
+    during_steps: int = Field(10, ge=2)
+    during_probes: int = Field(10, ge=2)
 
     @field_validator("reorth", mode="before")
     @classmethod

@@ -84,12 +84,12 @@ def _project(op: HessianOperator, run: _Run, w: torch.Tensor, j: int, reorth: st
 def lanczos_runs(op: HessianOperator, v0s: Sequence[torch.Tensor], steps: int, reorth: str = "full",
                  products: Optional[Products] = None, basis_device=None, chunk: int = 0, tol: float = 1e-10,
                  dims: Optional[Sequence[int]] = None, callback: Optional[Callable[[int], None]] = None,
-                 ) -> list[Tridiagonal]:
+                 keep: Optional[list] = None) -> list[Tridiagonal]:
     """Lanczos runs from start vectors ``v0s`` (parts in ``op.span``, normalized here) in lockstep.
 
     ``products(ids, qs)`` returns H q for the runs ``ids`` (default ``op.matmat`` of the stacked qs, ``chunk``
     runs per call, 0 = all); ``dims`` are the runs' whole dimensions (default ``op.d``), which cap their
-    steps. Returns each run's T."""
+    steps. Returns each run's T; ``keep`` (a list) receives the runs, whose bases give Ritz vectors."""
     if reorth not in REORTH:
         raise ValueError(f"reorth={reorth!r} is unknown; allowed: {', '.join(REORTH)}")
     products = products or (lambda ids, qs: list(op.matmat(torch.stack(list(qs)))))
@@ -98,6 +98,8 @@ def lanczos_runs(op: HessianOperator, v0s: Sequence[torch.Tensor], steps: int, r
     for v, d in zip(v0s, dims or [op.d] * len(v0s)):
         v = v.to(op.device, torch.float64)
         runs.append(_Run(v / dot(op, v, v) ** 0.5, min(steps, d), reorth, basis_dtype, basis_device or op.device))
+    if keep is not None:
+        keep.extend(runs)
     active, j = list(range(len(runs))), 0
     while active:
         step = chunk or len(active)
@@ -137,6 +139,16 @@ def _advance(op, runs: list[_Run], ws: list[torch.Tensor], j: int, reorth: str, 
 def lanczos(op: HessianOperator, v0: torch.Tensor, steps: int, reorth: str = "full", **kw) -> Tridiagonal:
     """``steps`` Lanczos iterations of ``op`` from ``v0``; returns T."""
     return lanczos_runs(op, [v0], steps, reorth, **kw)[0]
+
+
+def top_ritz(op: HessianOperator, v0: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    """λ_max of H and its Ritz vector y = Q s (this process's part), by Lanczos with full
+    reorthogonalization from ``v0``: a warm start for the next call (curvature during training)."""
+    runs: list = []
+    T = lanczos_runs(op, [v0], steps, "full", keep=runs)[0]
+    lam, S = np.linalg.eigh(T.matrix())
+    Q = runs[0].Q[:T.steps]
+    return float(lam[-1]), (Q.T.to(torch.float64) @ torch.from_numpy(S[:, -1]).to(Q.device)).to(op.device)
 
 
 def select(lam: np.ndarray, k: int, which: str = "largest"):

@@ -272,3 +272,26 @@ class FunctionOperator:
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class Scaled:
+    """D H D for a diagonal D (this process's part ``scale`` of it): e.g. P^{-1/2} H P^{-1/2}, whose λ_max is
+    the preconditioned sharpness of an adaptive method with preconditioner P."""
+
+    def __init__(self, op: HessianOperator, scale: torch.Tensor):
+        self.op, self.scale = op, scale.to(op.device, torch.float64)
+        self.d, self.span, self.device, self.dtype, self.blocks = op.d, op.span, op.device, op.dtype, op.blocks
+        self.precision = getattr(op, "precision", "fp64")
+
+    @property
+    def count(self) -> int:
+        return self.op.count
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(1, -1))[0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.op.matmat(self.scale * V)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.reduce(x)

@@ -24,6 +24,7 @@ from rayexp.hessian.tasks import TASKS, Context, select_blocks
 GIB = 2 ** 30
 VMAP_CHUNK_MAX = 64  # vectors per vmapped product (fwd_rev)
 LOOP_CHUNK_MAX = 8  # vectors per product call in modes that loop over them anyway
+VMAP_MAX_PARAMS = 1 << 20  # auto uses vmapped fwd_rev products on the CPU up to this many parameters
 
 
 def device_of(cfg: HessianConfig) -> torch.device:
@@ -34,16 +35,16 @@ def device_of(cfg: HessianConfig) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
-def product_mode(cfg: HessianConfig, sharded_params: bool, device: torch.device, own_loss: bool) -> str:
-    """``auto`` → ``cached`` on a GPU (the fastest product of one vector); on the CPU, or with sharded
-    parameters (which ``cached`` cannot gather), ``fwd_rev`` for the token cross-entropy (vmapped over the
-    lockstep runs of small models) and ``double_backward`` for a user's loss (forward-mode AD is missing
+def product_mode(cfg: HessianConfig, sharded_params: bool, device: torch.device, own_loss: bool, d: int) -> str:
+    """``auto`` → ``cached`` on a GPU (the fastest product of one vector). On the CPU, or with sharded
+    parameters (which ``cached`` cannot gather): ``fwd_rev`` for small models with the token cross-entropy
+    (vmapped over the lockstep runs), else ``double_backward`` (the least memory; forward-mode AD is missing
     for some losses, e.g. ``F.mse_loss`` in torch 2.13)."""
     if cfg.mode != "auto":
         return cfg.mode
     if device.type == "cuda" and not sharded_params:
         return "cached"
-    return "double_backward" if own_loss else "fwd_rev"
+    return "fwd_rev" if not own_loss and d <= VMAP_MAX_PARAMS else "double_backward"
 
 
 def build_operator(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, comm: Optional[Comm] = None,
@@ -52,7 +53,7 @@ def build_operator(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, c
     """The operator of ``cfg`` over ``batches`` (a data shard when ``comm`` is a group)."""
     device = device or device_of(cfg)
     sharded = comm is not None and comm.shard == "params"
-    mode = product_mode(cfg, sharded, device, loss_fn is not None)
+    mode = product_mode(cfg, sharded, device, loss_fn is not None, sum(p.numel() for p in model.parameters()))
     products = HVP(model, batches, loss_fn, mode, cfg.dtype, device, theta_fn=theta_fn)
     if batch_ids is not None:
         products.batch_ids = list(batch_ids)

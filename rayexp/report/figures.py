@@ -3,7 +3,7 @@ was drawn; ``(None, {})`` when its data is absent."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -127,6 +127,50 @@ def plot_mada(configs: Sequence[Config], band: str = "std"):
     for ax in axes[len(coefs):]:
         ax.set_visible(False)
     fig.suptitle(f"MADA coefficients: {band_label(band)}")
+    fig.tight_layout()
+    return fig, data
+
+
+def stability_thresholds(lr: np.ndarray, beta1: Optional[float]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """2/η (gradient descent) and (2 + 2β1)/((1 − β1)η) (Adam, preconditioned; Cohen et al. 2022) per step."""
+    with np.errstate(divide="ignore"):
+        sgd = 2.0 / lr
+        adam = (2 + 2 * beta1) / ((1 - beta1) * lr) if beta1 is not None else None
+    return sgd, adam
+
+
+def plot_sharpness(configs: Sequence[Config]):
+    """λ_max(H) and Adam's preconditioned sharpness λ_max(P⁻¹H) against step (``curv/*``, mean over seeds),
+    each with its stability threshold from the logged learning rate."""
+    have = [c for c in configs if any("curv/lambda_max" in r.histories for r in c.runs)]
+    if not have:
+        return None, {}
+    fig = Figure(figsize=(11, 4))
+    ax_h, ax_p = fig.subplots(1, 2)
+    data = {}
+    for i, c in enumerate(have):
+        name, color = c.series if c.label == "-" else f"{c.series} {c.label}", f"C{i % 10}"
+        run = next(r for r in c.runs if "curv/lambda_max" in r.histories)
+        betas = run.params.get("optimizer.betas")
+        beta1 = float(str(betas).strip("[]()").split(",")[0]) if betas and "adam" in name else None
+        for key, ax, which in (("curv/lambda_max", ax_h, 0), ("curv/precond_sharpness", ax_p, 1)):
+            curves = [r.histories[key] for r in c.runs if key in r.histories]
+            if not curves:
+                continue
+            steps, mean, _, _, _ = seed_band(curves, "minmax")
+            ax.semilogy(steps, mean, color=color, label=name)
+            if "lr" in run.histories:
+                lr = np.interp(steps, *run.histories["lr"])
+                threshold = stability_thresholds(lr, beta1)[which]
+                if threshold is not None:
+                    ax.semilogy(steps, threshold, color=color, ls="--", lw=0.8)
+            data[(key, name)] = {"steps": steps, "mean": mean}
+    ax_h.set(xlabel="step", ylabel="λ_max(H)", title="sharpness; dashed: 2/η")
+    ax_p.set(xlabel="step", ylabel="λ_max(P⁻¹H)", title="preconditioned sharpness; dashed: (2+2β₁)/((1−β₁)η)")
+    for ax in (ax_h, ax_p):
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return fig, data
 

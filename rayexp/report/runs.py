@@ -23,7 +23,7 @@ from rayexp.tracking import RunGroup, RunRecord, best_per_series
 SKIP_PARAMS = ("seed", "name", "output_dir", "data.cache_dir", "tracking.uri", "tracking.experiment")
 SKIP_PREFIXES = ("sweep.",)
 HISTORY_KEYS = ("train_loss", "val_loss")
-HISTORY_PREFIXES = ("mada/",)
+HISTORY_PREFIXES = ("mada/", "curv/lambda_max", "curv/precond_sharpness", "lr")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from rayexp import tracking
 from rayexp.sweep.plan import Trial
 
 LOGGED = {"train_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "diverged"}
-LOGGED_PREFIXES = ("grad_norm/", "mada/", "optim/", "hessian/")
+LOGGED_PREFIXES = ("grad_norm/", "mada/", "optim/", "hessian/", "curv/")
 STATE_FILE = "rayexp_sweep.json"
 
 

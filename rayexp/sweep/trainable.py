@@ -19,10 +19,18 @@ def run_trials(config: dict, storage: str, max_failures: int, seed_mean_metric: 
     then reports their mean final val loss under that name (a diverged seed counts +inf)."""
     trials = config["trials"]
     steps = trials[0].exp.train.steps
-    finals = [run_trial(t.key, t.exp, storage, max_failures, offset=i * steps, after_training=hessian_after_training)
-              for i, t in enumerate(trials)]
+    finals = [run_trial(t.key, t.exp, storage, max_failures, offset=i * steps, after_training=hessian_after_training,
+                        monitors=curvature_monitors(t.exp)) for i, t in enumerate(trials)]
     if seed_mean_metric:
         tune.report({seed_mean_metric: sum(finals) / len(finals), "seed_mean": 1.0, "progress": len(trials) * steps})
+
+
+def curvature_monitors(exp: Experiment) -> list:
+    """``hessian.every > 0``: a ``rayexp.hessian.monitor.CurvatureMonitor`` for the run (``curv/*`` metrics)."""
+    if not exp.hessian.every:
+        return []
+    from rayexp.hessian.monitor import CurvatureMonitor
+    return [CurvatureMonitor(exp)]
 
 
 def hessian_after_training(exp: Experiment, res, identity: dict) -> None:

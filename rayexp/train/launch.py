@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import ray
 import ray.train
@@ -129,27 +129,30 @@ def train_worker(config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="rayexp-train-") as scratch:  # Ray keeps its own checkpoint copies
         reporter, start = _reporter(config["key"], exp, config["offset"], ray.train.report, ray.train.Checkpoint,
                                     ray.train.get_checkpoint, scratch)
-        run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"), engine_factory=factory)
+        run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"), engine_factory=factory,
+                     monitors=config.get("monitors", ()))
 
 
 def run_trial(key: str, exp: Experiment, storage: str, max_failures: int, offset: int = 0,
-              after_training: Optional[Callable] = None) -> float:
+              after_training: Optional[Callable] = None, monitors: Sequence[Callable] = ()) -> float:
     """One config × one seed (MLflow trial ``key``) inside a Tune trial; returns its final val loss (+inf
     when it diverged). ``offset`` shifts the scheduler's ``progress`` axis (runs in turn in one Tune trial);
     ``storage`` and ``max_failures`` are the sweep's, for a Ray Train worker group. A run in the Tune trial
-    itself calls ``after_training(exp, result, identity)`` while its final checkpoint still exists."""
+    itself calls ``after_training(exp, result, identity)`` while its final checkpoint still exists;
+    ``monitors`` go to ``run_training`` (every rank's under a Ray Train worker group)."""
     if needs_trainer(exp):
-        return _fit_trainer(key, exp, storage, max_failures, offset)
+        return _fit_trainer(key, exp, storage, max_failures, offset, monitors)
     with tempfile.TemporaryDirectory(prefix="rayexp-trial-") as scratch:  # Tune keeps its own checkpoint copies
         reporter, start = _reporter(key, exp, offset, ray.tune.report, ray.tune.Checkpoint, ray.tune.get_checkpoint,
                                     scratch)
-        res = run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"))
+        res = run_training(exp, reporter, resume_from=start, workdir=os.path.join(scratch, "run"), monitors=monitors)
         if after_training is not None:
             after_training(exp, res, reporter.extra)
     return res.val_loss if res.status != "diverged" else float("inf")
 
 
-def _fit_trainer(key: str, exp: Experiment, storage: str, max_failures: int, offset: int) -> float:
+def _fit_trainer(key: str, exp: Experiment, storage: str, max_failures: int, offset: int,
+                 monitors: Sequence[Callable] = ()) -> float:
     """Run the trial on ``resources.workers`` Ray Train workers; Train V2 resumes from its own
     checkpoints in ``storage/train-<key>`` (worker failures: ``max_failures`` retries)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -161,7 +164,7 @@ def _fit_trainer(key: str, exp: Experiment, storage: str, max_failures: int, off
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"key": key, "exp": exp, "offset": offset},
+        train_loop_config={"key": key, "exp": exp, "offset": offset, "monitors": list(monitors)},
         torch_config=TorchConfig(backend="nccl" if r.gpus_per_worker > 0 else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
                                      resources_per_worker=resources),

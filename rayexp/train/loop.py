@@ -18,7 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -123,14 +123,16 @@ def _check_data_fits(data, exp: Experiment) -> None:
 
 
 def run_training(exp: Experiment, reporter: Optional[Reporter] = None, resume_from: Optional[str] = None,
-                 workdir: Optional[str] = None,
-                 engine_factory: Optional[Callable] = None) -> TrainResult:
+                 workdir: Optional[str] = None, engine_factory: Optional[Callable] = None,
+                 monitors: Sequence[Callable] = ()) -> TrainResult:
     """Train ``exp`` for ``train.steps`` optimizer steps and return the outcome.
 
     ``reporter.report(step, metrics, checkpoint_dir)`` is called every ``log_every`` steps, at every
     eval and at the end; ``checkpoint_dir`` is set when a checkpoint was just written. ``resume_from``
     continues from a checkpoint directory. Under ``torch.distributed`` the model is wrapped in DDP
-    (or handed to ``engine_factory(model, optimizer) -> engine`` for DeepSpeed).
+    (or handed to ``engine_factory(model, optimizer) -> engine`` for DeepSpeed). Each of ``monitors``
+    (e.g. ``rayexp.hessian.monitor.CurvatureMonitor``) is called as ``m(step, model, optimizer, data)`` after
+    the steps where ``m.due(step)``; its metrics join that step's report (those steps are always logged).
     """
     from rayexp.data import load_tokens
     from rayexp.optim import build_optimizer
@@ -157,6 +159,7 @@ def run_training(exp: Experiment, reporter: Optional[Reporter] = None, resume_fr
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     workdir = Path(workdir or Path(exp.output_dir) / "train")
     loop = _Loop(exp, model, optimizer, engine, data, device, autocast, rank, world, workdir, reporter, state)
+    loop.monitors = list(monitors)
     return loop.run()
 
 
@@ -176,6 +179,7 @@ class _Loop:
         self.val_loss = next((h["val_loss"] for h in reversed(self.history) if "val_loss" in h), float("nan"))
         self.train_loss = next((h["train_loss"] for h in reversed(self.history) if "train_loss" in h), float("nan"))
         self.tok_s = 0.0
+        self.monitors: list = []
 
     # --- one optimizer step -------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[float, float]:
@@ -275,7 +279,8 @@ class _Loop:
                 break
             do_eval = self.step % t.eval_every == 0 or self.step == t.steps
             do_ckpt = self.step % (t.checkpoint_every or t.eval_every) == 0 or self.step == t.steps
-            do_log = do_eval or do_ckpt or self.step % t.log_every == 0
+            due = [m for m in self.monitors if m.due(self.step)]
+            do_log = do_eval or do_ckpt or due or self.step % t.log_every == 0
             if not do_log:
                 continue
             if self.device.type == "cuda":
@@ -287,6 +292,8 @@ class _Loop:
                 metrics.update(self.optimizer.metrics())
             if t.log_block_grad_norms and self.engine is None:
                 metrics.update(_block_grad_norms(self.model))
+            for m in due:
+                metrics.update(m(self.step, unwrap(self.model), self.optimizer, self.data))
             if do_eval:
                 metrics["val_loss"] = self.eval()
             if self.emit(metrics, checkpoint=do_ckpt):
