@@ -129,4 +129,5 @@ def test_cli_slq_on_a_6m_parameter_gpt_stays_under_1_5_gb(in_tmp):
     assert r.returncode == 0, r.stderr
     rss_gb = int(r.stdout.split("maxrss_kb")[1].split()[0]) / 1e6
     assert "200 Hessian-vector products" in r.stdout
+    print(f"peak RSS {rss_gb:.2f} GB")
     assert rss_gb < 1.5, rss_gb

@@ -23,7 +23,7 @@ from rayexp.hessian.tasks import TASKS, Context, select_blocks
 
 GIB = 2 ** 30
 VMAP_CHUNK_MAX = 64  # vectors per vmapped product (fwd_rev)
-LOOP_CHUNK_MAX = 8  # vectors per product call in modes that loop over them anyway
+LOOP_CHUNK_MAX = 1  # modes that loop over vectors gain nothing from more than one per call, and keep less
 VMAP_MAX_PARAMS = 1 << 20  # auto uses vmapped fwd_rev products on the CPU up to this many parameters
 
 
