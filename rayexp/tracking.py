@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from dataclasses import dataclass, field
 import tempfile
@@ -24,7 +25,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from rayexp.config import Experiment
+from rayexp.config import ConfigError, Experiment
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under their parent
 KIND_TAG = "rayexp.kind"  # "sweep" (parent run) | "trial" (child run)
@@ -36,7 +37,7 @@ SEED_TAG = "rayexp.seed"
 GIT_TAG = "rayexp.git_commit"
 NODE_TAG = "rayexp.node_id"  # the Ray node a trial ran on
 RESUMED_TAG = "rayexp.resumed_from_step"  # the checkpoint step a restarted trial continued from
-STATUSES = ("running", "finished", "stopped", "diverged", "failed")
+STATUSES = ("running", "finished", "stopped", "diverged", "failed", "killed")  # killed: interrupted, resumable
 MAX_PARAM_LEN = 6000
 
 
@@ -45,6 +46,27 @@ def resolve_uri(uri: Optional[str] = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_uri(uri: str, timeout: float = 5.0) -> None:
+    """Raise ConfigError unless the store at ``uri`` can be used: an http(s) server answers within
+    ``timeout`` seconds (any HTTP status counts), a sqlite file's folder is writable."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answers (e.g. 401 behind basic auth)
+        except (OSError, ValueError) as e:
+            why = getattr(e, "reason", None) or e
+            raise ConfigError(f"tracking.uri={uri}: no MLflow server answers within {timeout:g} s ({why}); "
+                              f"start one, or leave tracking.uri unset for the local store ./mlflow.db") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking.uri={uri}: folder {str(folder)!r} does not exist or is not writable")
 
 
 def ui_command(uri: str) -> str:
@@ -121,6 +143,18 @@ def set_run_status(uri: str, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status)
 
 
+def kill_running_children(uri: str, parent_run_id: str) -> int:
+    """Mark the sweep's child runs still RUNNING as KILLED (STATUS_TAG killed); returns how many."""
+    client = MlflowClient(uri)
+    n = 0
+    for run in sweep_children(uri, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, STATUS_TAG, "killed")
+            client.set_terminated(run.info.run_id, "KILLED")
+            n += 1
+    return n
+
+
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 90):
@@ -178,6 +212,9 @@ class MlflowReporter:
         """Set string tags on the run (e.g. NODE_TAG, RESUMED_TAG)."""
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,8 @@ def tuner(spec: SweepSpec, state: SweepState, trials: list[Trial], restore: bool
 class SweepResult:
     state: SweepState
     summary: list  # rows of rayexp.sweep.summary.summarize
-    errors: int  # Tune trials that raised (diverged trials are results, not errors)
+    errors: int  # trials that failed (diverged trials are results, not errors)
+    interrupted: bool = False  # SIGINT/SIGTERM: the parent run and unfinished child runs are KILLED
 
 
 def new_state(spec: SweepSpec) -> SweepState:
@@ -150,6 +153,44 @@ def init_ray() -> None:
                  include_dashboard=False, log_to_driver=False)
 
 
+def resume_command(state: SweepState) -> str:
+    out_root = Path(state.storage).parent
+    return (f"python -m rayexp.sweep --resume {state.run_name}"
+            + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""))
+
+
+class _NoRestoreHint(logging.Filter):
+    """Drops Tune's own ``Tuner.restore(...)`` hint and its list of unfinished trials: ``--resume`` is ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Tuner.restore" not in msg and "Trials did not complete" not in msg
+
+
+def _sigterm_as_sigint(signum, frame) -> None:
+    """SIGTERM stops a sweep as Ctrl-C does: Tune's SIGINT handler ends the run after saving its state."""
+    signal.raise_signal(signal.SIGINT)
+
+
+def _fit(t: tune.Tuner, state: SweepState):
+    """``t.fit()``; None when interrupted before Tune took over SIGINT."""
+    logging.getLogger("ray.tune.tune").addFilter(_NoRestoreHint())
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    try:
+        return t.fit()
+    except KeyboardInterrupt:
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(state: SweepState) -> None:
+    tracking.set_run_status(state.uri, state.parent_run_id, "KILLED")
+    n = tracking.kill_running_children(state.uri, state.parent_run_id)
+    print(f"interrupted: parent run and {n} unfinished trial run(s) marked KILLED; finish the sweep with:\n"
+          f"  {resume_command(state)}", file=sys.stderr, flush=True)
+
+
 def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool = False) -> SweepResult:
     """Run a sweep, or resume the one ``state`` describes (its spec is ``SweepSpec(state.raw)``)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on a new store
@@ -157,23 +198,27 @@ def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool =
     state = state or new_state(spec)
     trials = plan(spec, state.sweep_id)
     optuna = spec.search.algorithm == "optuna"
-    print(f"rayexp.sweep: {state.run_name}: {len(trials) or spec.search.num_samples} trials ({spec.search.algorithm}"
+    total = len(trials) or spec.search.num_samples
+    print(f"rayexp.sweep: {state.run_name}: {total} trials ({spec.search.algorithm}"
           f"{', ' + str(len(spec.seeds)) + ' seeds each' if optuna else ''}), "
           f"MLflow {state.uri} experiment {state.experiment!r}", flush=True)
-    out_root = Path(state.storage).parent
-    print(f"  resume after an interruption with: python -m rayexp.sweep --resume {state.run_name}"
-          + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""), flush=True)
-    init_ray()
-    t = tuner(spec, state, trials, restore=resume)
+    print(f"  resume after an interruption with: {resume_command(state)}", flush=True)
     if resume:  # a new parent run is created RUNNING; a resumed one was left FAILED or KILLED
         tracking.set_run_status(state.uri, state.parent_run_id, "RUNNING")
     try:
-        grid = t.fit()
+        init_ray()
+        grid = _fit(tuner(spec, state, trials, restore=resume), state)
     except BaseException:
         tracking.set_run_status(state.uri, state.parent_run_id, "KILLED")
         raise
-    tracking.set_run_status(state.uri, state.parent_run_id, "FAILED" if grid.num_errors else "FINISHED")
+    if grid is None or grid.num_terminated + grid.num_errors < total:
+        _interrupted(state)
+        return SweepResult(state, [], 0, interrupted=True)
+    failed = sum(r.data.tags.get(tracking.STATUS_TAG) == "failed"
+                 for r in tracking.sweep_children(state.uri, state.parent_run_id))
+    errors = max(grid.num_errors, failed)
+    tracking.set_run_status(state.uri, state.parent_run_id, "FAILED" if errors else "FINISHED")
     rows = summarize(state.uri, state.parent_run_id, spec)
     if not quiet:
         print_summary(rows, state)
-    return SweepResult(state, rows, grid.num_errors)
+    return SweepResult(state, rows, errors)

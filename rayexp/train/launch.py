@@ -138,6 +138,16 @@ def run_trial(key: str, exp: Experiment, storage: str, max_failures: int, offset
     when it diverged). ``offset`` shifts the scheduler's ``progress`` axis (runs in turn in one Tune trial);
     ``storage`` and ``max_failures`` are the sweep's, for a Ray Train worker group. A run in the Tune trial
     itself calls ``after_training(exp, result, identity)`` while its final checkpoint still exists."""
+    try:
+        return _run_trial(key, exp, storage, max_failures, offset, after_training)
+    except ConfigError as e:  # bad input is not retried: one result row says why, the trial ends
+        ray.tune.report({"trial_key": key, "config_error": str(e), "step": 0, "steps_total": exp.train.steps,
+                         "progress": offset, "evaluated": 0.0, "val_loss": float("inf")})
+        return float("inf")
+
+
+def _run_trial(key: str, exp: Experiment, storage: str, max_failures: int, offset: int,
+               after_training: Optional[Callable]) -> float:
     if needs_trainer(exp):
         return _fit_trainer(key, exp, storage, max_failures, offset)
     with tempfile.TemporaryDirectory(prefix="rayexp-trial-") as scratch:  # Tune keeps its own checkpoint copies
