@@ -40,3 +40,56 @@ def test_bad_input_exits_2_before_ray_in_one_line(tmp_path, override, needle):
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith(f"error: {needle}"), line
     assert not (tmp_path / "out").exists() or override.startswith("output_dir")
+
+
+def _runs(uri, experiment="adam_vs_sgd"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _interrupt_sweep(tmp, sig, *args):
+    """Start the default sweep, send ``sig`` once a trial has evaluated, and return (exit status, output,
+    seconds from the signal to the exit). SIGINT goes to the process group, as Ctrl-C does; SIGTERM to the
+    driver, as ``kill PID`` does (to the group it would also stop Ray's own GCS, which dies on SIGTERM)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rayexp.sweep", *args], cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step    10/" in line:
+            break
+    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
+    t0 = time.time()
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + rest, time.time() - t0
+
+
+@pytest.mark.slow
+def test_sigint_marks_runs_killed_and_resume_finishes_every_trial_once(tmp_path):
+    rc, out, secs = _interrupt_sweep(tmp_path, signal.SIGINT, *QUICK, *_local(tmp_path))
+    assert rc == 130 and secs < 30, (secs, out)
+    assert "Tuner.restore" not in out, out
+    name = out.strip().splitlines()[-1].split("--resume ")[1].split()[0]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = _runs(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("rayexp.kind") == "sweep"]
+    assert parent.info.status == "KILLED" and parent.info.run_name == name
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
+    done, _ = _cli("rayexp.sweep", tmp_path, "--resume", name, *_local(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    children = [r for r in _runs(uri) if r.data.tags.get("rayexp.kind") == "trial"]
+    keys = [r.data.tags["rayexp.trial_key"] for r in children]
+    assert len(children) == 8 and len(set(keys)) == 8, keys
+    assert {(r.info.status, r.data.tags["rayexp.status"]) for r in children} == {("FINISHED", "finished")}
+    assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_sweep_exits_130_with_the_resume_command(tmp_path):
+    rc, out, secs = _interrupt_sweep(tmp_path, signal.SIGTERM, *QUICK, *_local(tmp_path))
+    assert rc == 130 and secs < 30 and "Tuner.restore" not in out and "Failed to fetch" not in out, out
+    assert "--resume adam_vs_sgd-" in out.strip().splitlines()[-1]
+    runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
+    assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"KILLED"}
+    assert not [r for r in runs if r.info.status == "RUNNING"]

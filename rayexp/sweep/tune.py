@@ -160,28 +160,44 @@ def resume_command(state: SweepState) -> str:
 
 
 class _NoRestoreHint(logging.Filter):
-    """Drops Tune's own ``Tuner.restore(...)`` hint and its list of unfinished trials: ``--resume`` is ours."""
+    """Drops Tune's own ``Tuner.restore(...)`` hint and its lists of unfinished trials: ``--resume`` is ours."""
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+    DROPPED = ("Tuner.restore", "Trials did not complete", "Failed to fetch metrics")
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return "Tuner.restore" not in msg and "Trials did not complete" not in msg
+        return not any(d in msg for d in self.DROPPED)
 
 
-def _sigterm_as_sigint(signum, frame) -> None:
-    """SIGTERM stops a sweep as Ctrl-C does: Tune's SIGINT handler ends the run after saving its state."""
-    signal.raise_signal(signal.SIGINT)
+class _Stop:
+    """SIGINT and SIGTERM handler during ``fit``: the first signal asks Tune to end the run after saving its
+    state (Tune's SIGUSR1 handler), a second one, or one before Tune is listening, raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.signalled = False
+
+    def __call__(self, signum, frame) -> None:
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        first, self.signalled = not self.signalled, True
+        if not (first and tune_listens):
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGUSR1)
 
 
-def _fit(t: tune.Tuner, state: SweepState):
-    """``t.fit()``; None when interrupted before Tune took over SIGINT."""
-    logging.getLogger("ray.tune.tune").addFilter(_NoRestoreHint())
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+def _fit(t: tune.Tuner) -> tuple[Optional[tune.ResultGrid], bool]:
+    """``t.fit()`` and whether a signal interrupted it (no result when it stopped before Tune's loop)."""
+    for name in _NoRestoreHint.LOGGERS:
+        logging.getLogger(name).addFilter(_NoRestoreHint())
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours asks Tune to stop, and knows that it did
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return t.fit()
+        return t.fit(), stop.signalled
     except KeyboardInterrupt:
-        return None
+        return None, True
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _interrupted(state: SweepState) -> None:
@@ -207,11 +223,11 @@ def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool =
         tracking.set_run_status(state.uri, state.parent_run_id, "RUNNING")
     try:
         init_ray()
-        grid = _fit(tuner(spec, state, trials, restore=resume), state)
+        grid, interrupted = _fit(tuner(spec, state, trials, restore=resume))
     except BaseException:
         tracking.set_run_status(state.uri, state.parent_run_id, "KILLED")
         raise
-    if grid is None or grid.num_terminated + grid.num_errors < total:
+    if interrupted:
         _interrupted(state)
         return SweepResult(state, [], 0, interrupted=True)
     failed = sum(r.data.tags.get(tracking.STATUS_TAG) == "failed"
