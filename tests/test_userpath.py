@@ -93,3 +93,56 @@ def test_sigterm_mid_sweep_exits_130_with_the_resume_command(tmp_path):
     runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"KILLED"}
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+TRAIN = ["train.steps=20", "train.eval_every=10", "train.eval_batches=2", "train.log_every=10", "train.batch_size=4",
+         "--no-mlflow"]
+
+
+@pytest.fixture(scope="module")
+def sgd_checkpoints(tmp_path_factory):
+    """An sgd lr 0.05 run of 20 steps with checkpoints at steps 10 and 20 (warm-up 30 clamped, with a note)."""
+    tmp = tmp_path_factory.mktemp("sgd")
+    out, _ = _cli("rayexp.train", tmp, "optimizer.name=sgd", "optimizer.lr=0.05", *TRAIN, *_local(tmp))
+    assert out.returncode == 0 and "note: train.warmup=30 exceeds train.steps=20" in out.stdout, out.stderr
+    return tmp / "out" / "train"
+
+
+def _copy(src, tmp):
+    import shutil
+    shutil.copytree(src, tmp / "train")
+    return tmp / "train"
+
+
+def test_train_resume_continues_the_checkpoints_own_optimizer_and_lr(sgd_checkpoints, tmp_path):
+    ckpts = _copy(sgd_checkpoints, tmp_path)
+    out, _ = _cli("rayexp.train", tmp_path, "--resume", str(ckpts / "checkpoint_000020"), "train.steps=30",
+                  "--no-mlflow")
+    assert out.returncode == 0, out.stderr
+    assert "at step 20: sgd lr=0.05" in out.stdout and "| sgd lr=0.05 |" in out.stdout, out.stdout
+    assert "final: status=finished step=30" in out.stdout
+
+
+@pytest.mark.parametrize("override", ["optimizer.name=adamw", "optimizer.lr=0.1", "model.n_layer=4"])
+def test_train_resume_refuses_to_change_the_optimizer_or_model_in_one_line(sgd_checkpoints, tmp_path, override):
+    out, _ = _cli("rayexp.train", tmp_path, "--resume", str(sgd_checkpoints / "checkpoint_000020"), override,
+                  "--no-mlflow")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [out.stderr.strip()], out.stderr
+    assert f"--resume: {override}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_the_previous_good_one(sgd_checkpoints, tmp_path):
+    ckpts = _copy(sgd_checkpoints, tmp_path)
+    model = ckpts / "checkpoint_000020" / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated
+    out, _ = _cli("rayexp.train", tmp_path, "--resume", str(ckpts / "checkpoint_000020"), "--no-mlflow")
+    assert out.returncode == 0, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert str(model) in line and "checkpoint_000010" in line, line
+    assert "at step 10: sgd lr=0.05" in out.stdout and "final: status=finished step=20" in out.stdout
+    import shutil
+    shutil.rmtree(ckpts / "checkpoint_000010")  # nothing to fall back to: one line naming the file, exit 2
+    model.write_bytes(model.read_bytes()[:1000])  # the resumed run had rewritten it
+    out, _ = _cli("rayexp.train", tmp_path, "--resume", str(ckpts / "checkpoint_000020"), "--no-mlflow")
+    assert out.returncode == 2 and out.stderr.strip() == f"error: checkpoint file {str(model)!r} does not match " \
+        "its checksum: corrupt or truncated", out.stderr
