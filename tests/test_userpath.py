@@ -146,3 +146,27 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_the_previous_good_
     out, _ = _cli("rayexp.train", tmp_path, "--resume", str(ckpts / "checkpoint_000020"), "--no-mlflow")
     assert out.returncode == 2 and out.stderr.strip() == f"error: checkpoint file {str(model)!r} does not match " \
         "its checksum: corrupt or truncated", out.stderr
+
+
+@pytest.mark.parametrize("override", ["optimizer.lr=1e-3", "optimizer.lr={grid: [1e-3, 3e-3]}"])
+def test_a_generic_override_every_optimizer_block_shadows_is_an_error_naming_them(tmp_path, override):
+    out, _ = _cli("rayexp.sweep", tmp_path, "--dry-run", override)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "optimizer.adamw.lr, optimizer.sgd.lr" in out.stderr and "more specific key wins" in out.stderr
+
+
+def test_overrides_after_a_flag_loguniform_floats_clamped_warmup_and_no_duplicate_trials(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("optimizer:\n  name: {grid: [adamw, sgd]}\n  adamw: {lr: {grid: [1.0e-3, 3.0e-3]}}\n"
+                 "seeds: [0, 1]\nsearch: {algorithm: random, num_samples: 3}\n")
+    out, _ = _cli("rayexp.sweep", tmp_path, str(p), "--dry-run", "optimizer.lr={grid: [0.1, 0.3]}",
+                  "train.steps=2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "note: train.warmup=30 exceeds train.steps=2: clamped to the run's length"
+    trials = [line.split(None, 1)[1] for line in lines[1:-1]]
+    assert len(trials) == len(set(trials)) == 8 and lines[-1] == "8 trials", lines  # 3 samples of a grid: once
+    assert "adamw lr=0.001 seed=0" in trials and "sgd lr=0.3 seed=1" in trials  # the block wins for adamw only
+    out, _ = _cli("rayexp.sweep", tmp_path, "--dry-run", "optimizer.adamw.lr={loguniform: [1e-4, 1e-2]}",
+                  "search.algorithm=random")
+    assert out.returncode == 0 and out.stdout.strip().endswith("6 trials"), out.stderr  # 1 adamw sample, 2 sgd lrs
