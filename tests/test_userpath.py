@@ -2,6 +2,7 @@
 interrupts leave MLflow KILLED and resumable, ``train --resume`` continues the checkpoint's own run,
 overrides follow one rule, the summary says who won."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,11 @@ def test_sigint_marks_runs_killed_and_resume_finishes_every_trial_once(tmp_path)
     assert len(children) == 8 and len(set(keys)) == 8, keys
     assert {(r.info.status, r.data.tags["rayexp.status"]) for r in children} == {("FINISHED", "finished")}
     assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "FINISHED"
+    summary = done.stdout.split("best config per optimizer")[1]  # every trial counted, a winner, edge notes
+    assert summary.count("finished:4") == 2 and "8 trials: 8 finished" in summary, summary
+    assert "winner: " in summary and "Welch t-test over seeds p=" in summary, summary
+    assert summary.count("is at the edge of the values tried") == 2, summary
+    assert not re.search(r"\d\.\d{5,}", summary), summary  # 3 significant digits
 
 
 @pytest.mark.slow
@@ -170,3 +176,20 @@ def test_overrides_after_a_flag_loguniform_floats_clamped_warmup_and_no_duplicat
     out, _ = _cli("rayexp.sweep", tmp_path, "--dry-run", "optimizer.adamw.lr={loguniform: [1e-4, 1e-2]}",
                   "search.algorithm=random")
     assert out.returncode == 0 and out.stdout.strip().endswith("6 trials"), out.stderr  # 1 adamw sample, 2 sgd lrs
+
+
+def test_winner_line_gap_welch_p_and_grid_edges():
+    from rayexp import tracking
+    from rayexp.sweep.summary import grid_edges, winner_line
+    rows = [{"optimizer": "adamw", "config": {"optimizer.lr": "0.0010532935936821241"}, "mean": 2.0, "std": 0.01,
+             "finals": [1.99, 2.01]},
+            {"optimizer": "sgd", "config": {"optimizer.lr": "0.3"}, "mean": 2.5, "std": 0.02, "finals": [2.48, 2.52]}]
+    line = winner_line(rows)
+    assert line.startswith("winner: adamw lr=0.00105 val 2 ± 0.01, ahead of sgd lr=0.3 2.5 ± 0.02 by 0.5 (20 %)")
+    assert "Welch t-test over seeds p=0.0" in line and "overlap" not in line, line
+    rows[1]["finals"] = [1.9, 3.1]
+    assert "(the seed bands overlap)" in winner_line(rows)
+    series = [tracking.RunGroup("sgd", {"optimizer.lr": v}) for v in ("0.1", "0.3", "1.0")]
+    assert grid_edges(series[1], series) == []
+    assert grid_edges(series[2], series) == ["sgd's best optimizer.lr=1 is at the edge of the values tried "
+                                             "[0.1, 0.3, 1]: the optimum may lie outside"]
