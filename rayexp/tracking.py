@@ -39,6 +39,7 @@ NODE_TAG = "rayexp.node_id"  # the Ray node a trial ran on
 RESUMED_TAG = "rayexp.resumed_from_step"  # the checkpoint step a restarted trial continued from
 STATUSES = ("running", "finished", "stopped", "diverged", "failed", "killed")  # killed: interrupted, resumable
 MAX_PARAM_LEN = 6000
+UI_PORT = 5000  # where ``rayexp ui`` serves the local store by default
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -71,9 +72,47 @@ def check_uri(uri: str, timeout: float = 5.0) -> None:
 
 def ui_command(uri: str) -> str:
     """The shell command that opens the MLflow UI on the store at ``uri``."""
+    import sys
+
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+    script = Path(sys.executable).parent / "rayexp"  # works from any shell, venv active or not
+    cmd = str(script) if script.is_file() else f"{sys.executable} -m rayexp.cli"
+    return f"{cmd} ui" + ("" if uri == last_sweep().get("uri") else f" --uri {uri}")
+
+
+def runs_link(server: str, experiment_id: str) -> str:
+    """The UI's Training runs view of an experiment (MLflow 3 would land on a GenAI overview)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def _last_sweep_file() -> Path:
+    home = os.environ.get("RAYEXP_HOME") or Path.home() / ".cache" / "rayexp"
+    return Path(home) / "last_sweep.json"
+
+
+def remember_sweep(uri: str, parent_run_id: str) -> dict:
+    """Record the store and experiment of the sweep just run (what ``rayexp ui`` opens); returns the record."""
+    import json
+
+    record = {"uri": uri, "experiment_id": MlflowClient(uri).get_run(parent_run_id).info.experiment_id,
+              "parent_run_id": parent_run_id}
+    try:
+        _last_sweep_file().parent.mkdir(parents=True, exist_ok=True)
+        _last_sweep_file().write_text(json.dumps(record))
+    except OSError:
+        pass  # a read-only home: `rayexp ui --uri` still works
+    return record
+
+
+def last_sweep() -> dict:
+    """The record ``remember_sweep`` wrote last ({} when none)."""
+    import json
+
+    try:
+        return json.loads(_last_sweep_file().read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def git_commit() -> str:

@@ -89,6 +89,8 @@ def test_sigint_marks_runs_killed_and_resume_finishes_every_trial_once(tmp_path)
     assert "winner: " in summary and "Welch t-test over seeds p=" in summary, summary
     assert summary.count("is at the edge of the values tried") == 2, summary
     assert not re.search(r"\d\.\d{5,}", summary), summary  # 3 significant digits
+    exp_id = parent.info.experiment_id  # the last line: rayexp ui, then the sweep's Training runs view
+    assert done.stdout.strip().splitlines()[-1].endswith(f"ui   then  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
 
 
 @pytest.mark.slow
@@ -193,3 +195,31 @@ def test_winner_line_gap_welch_p_and_grid_edges():
     assert grid_edges(series[1], series) == []
     assert grid_edges(series[2], series) == ["sgd's best optimizer.lr=1 is at the edge of the values tried "
                                              "[0.1, 0.3, 1]: the optimum may lie outside"]
+
+
+@pytest.mark.slow
+def test_rayexp_ui_serves_the_last_sweeps_store_links_its_runs_and_stops_its_workers(tmp_path):
+    import urllib.request
+
+    from conftest import _free_port
+    from rayexp import tracking
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**ENV, "RAYEXP_HOME": str(tmp_path / "home")}
+    os.environ["RAYEXP_HOME"] = env["RAYEXP_HOME"]
+    try:
+        tracking.remember_sweep(uri, tracking.sweep_parent_run(uri, "uitest", "k1", run_name="uitest-1"))
+    finally:
+        del os.environ["RAYEXP_HOME"]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rayexp.cli", "ui", "--no-browser", "--port", str(port)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    line = proc.stdout.readline()
+    exp_id = MlflowClient(uri).get_experiment_by_name("uitest").experiment_id
+    assert line.rstrip().endswith(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs   (Ctrl-C stops it)"), line
+    server = int(line.split("server pid ")[1].split(")")[0])
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).close()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # no worker of the server's process group is left
+        os.killpg(server, 0)

@@ -121,4 +121,7 @@ def print_summary(rows: list[dict], state) -> None:
         if line:
             print(line)
     print(f"MLflow: {state.uri}  experiment {state.experiment!r}, parent run {state.parent_run_id}")
-    print(f"open the UI with:  {tracking.ui_command(state.uri)}")
+    last = tracking.remember_sweep(state.uri, state.parent_run_id)
+    remote = state.uri.startswith(("http://", "https://"))
+    link = tracking.runs_link(state.uri if remote else f"http://127.0.0.1:{tracking.UI_PORT}", last["experiment_id"])
+    print(f"open the UI with:  {tracking.ui_command(state.uri)}   then  {link}")
