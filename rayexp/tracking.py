@@ -304,9 +304,15 @@ def runs_of(uri: Optional[str], experiment: str, kind: str = "trial") -> list:
 
 
 def latest_sweep_run(client: MlflowClient, exp_id: str):
-    """The most recently started sweep (parent) run of an experiment, or None."""
+    """The most recently started sweep (parent) run of an experiment with a finished trial (else the most
+    recent sweep run), or None."""
     runs = client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'", order_by=["start_time DESC"],
-                              max_results=1)
+                              max_results=200)
+    for run in runs:
+        done = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and "
+                                                          f"tags.`{STATUS_TAG}` = 'finished'", max_results=1)
+        if done:
+            return run
     return runs[0] if runs else None
 
 

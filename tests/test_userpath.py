@@ -33,6 +33,7 @@ def _local(tmp):
     ("data.corpus=text:/nonexistent", "data.corpus: file not found: '/nonexistent'"),
     ("tracking.uri=http://127.0.0.1:9", "tracking.uri=http://127.0.0.1:9: no MLflow server answers"),
     ("output_dir=/proc/rayexp-out", "output_dir=/proc/rayexp-out: not writable"),
+    ("data.corpus=hf:nobody/no-such-dataset", "data.corpus='hf:nobody/no-such-dataset': not in the Hugging Face cache"),
 ])
 def test_bad_input_exits_2_before_ray_in_one_line(tmp_path, override, needle):
     out, secs = _cli("rayexp.sweep", tmp_path, f"data.cache_dir={tmp_path}/cache", override)
