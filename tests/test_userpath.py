@@ -153,8 +153,10 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back_to_the_previous_good_
     shutil.rmtree(ckpts / "checkpoint_000010")  # nothing to fall back to: one line naming the file, exit 2
     model.write_bytes(model.read_bytes()[:1000])  # the resumed run had rewritten it
     out, _ = _cli("rayexp.train", tmp_path, "--resume", str(ckpts / "checkpoint_000020"), "--no-mlflow")
-    assert out.returncode == 2 and out.stderr.strip() == f"error: checkpoint file {str(model)!r} does not match " \
-        "its checksum: corrupt or truncated", out.stderr
+    assert out.returncode == 2 and out.stderr.strip() == f"error: checkpoint file {model}: model.pt does not load: " \
+        "it does not match its checksum (corrupt or truncated)", out.stderr
+    out, _ = _cli("rayexp.hessian", tmp_path, "--checkpoint", str(ckpts / "checkpoint_000020"), "--tasks", "top_eigs")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and str(model) in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("override", ["optimizer.lr=1e-3", "optimizer.lr={grid: [1e-3, 3e-3]}"])

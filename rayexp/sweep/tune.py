@@ -224,6 +224,8 @@ def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool =
     try:
         init_ray()
         grid, interrupted = _fit(tuner(spec, state, trials, restore=resume))
+    except KeyboardInterrupt:  # before Tune's loop (e.g. while Ray starts)
+        grid, interrupted = None, True
     except BaseException:
         tracking.set_run_status(state.uri, state.parent_run_id, "KILLED")
         raise

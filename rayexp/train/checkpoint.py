@@ -88,15 +88,16 @@ def verify(path) -> Path:
                 try:
                     torch.load(path / name, map_location="cpu", weights_only=False)
                 except Exception as e:
-                    raise ConfigError(f"checkpoint file {str(path / name)!r} cannot be read "
+                    raise ConfigError(f"checkpoint file {path / name}: {name} does not load "
                                       f"({type(e).__name__}): corrupt or truncated") from None
         return path
     for name, digest in json.loads(sums_file.read_text()).items():
         f = path / name
         if not f.is_file():
-            raise ConfigError(f"checkpoint file {str(f)!r} is missing: a partial checkpoint")
+            raise ConfigError(f"checkpoint file {f} is missing: a partial checkpoint")
         if _sha256(f) != digest:
-            raise ConfigError(f"checkpoint file {str(f)!r} does not match its checksum: corrupt or truncated")
+            raise ConfigError(f"checkpoint file {f}: {name} does not load: it does not match its checksum "
+                              f"(corrupt or truncated)")
     return path
 
 
