@@ -5,6 +5,7 @@
     rayexp hessian --checkpoint DIR --tasks ...   = python -m rayexp.hessian
     rayexp report  EXPERIMENT [--out DIR]         = python -m rayexp.report
     rayexp optim   --list                         = python -m rayexp.optim
+    rayexp ui      [--uri URI] [--port 5000]      the MLflow UI on the last sweep's store (rayexp.ui)
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import importlib
 import sys
 
 COMMANDS = {"sweep": "rayexp.sweep.__main__", "train": "rayexp.train.__main__", "hessian": "rayexp.hessian.__main__",
-            "report": "rayexp.report.__main__", "optim": "rayexp.optim.__main__"}
+            "report": "rayexp.report.__main__", "optim": "rayexp.optim.__main__", "ui": "rayexp.ui"}
 
 
 def main(argv=None) -> int:

@@ -330,8 +330,8 @@ class Experiment(_Strict):
         m = self.model
         if m.kind == "gpt2" and m.preset is None and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
             raise ValueError("model: give a preset or all of n_layer, n_head, n_embd, block_size")
-        if self.train.warmup > self.train.steps:
-            raise ValueError(f"train.warmup ({self.train.warmup}) exceeds train.steps ({self.train.steps})")
+        if self.train.warmup > self.train.steps:  # clamped, not refused (SweepSpec.notes says so)
+            self.train.warmup = self.train.steps
         return self
 
     def to_dict(self) -> dict:
@@ -438,12 +438,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(val) if val else None
     except yaml.YAMLError:
         value = val
-    if isinstance(value, str):  # YAML reads 1e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return key.strip(), value
+    return key.strip(), _float_strings(value)  # YAML 1.1 reads 1e-3 as a string, also inside {loguniform: [...]}
 
 
 def _float_strings(node: Any) -> Any:

@@ -19,8 +19,8 @@ import random
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from rayexp.config import (OPTIMIZERS, SWEEP_FIELDS, ConfigError, Experiment, OptimizerConfig,
-                           SweepConfig, get_path, load_raw, set_path, validate)
+from rayexp.config import (OPTIMIZERS, SWEEP_FIELDS, ConfigError, Experiment, OptimizerConfig, TrainConfig,
+                           SweepConfig, get_path, load_raw, parse_override, set_path, validate)
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -129,8 +129,30 @@ class SweepSpec:
             if parts[0] == "optimizer" and len(parts) > 2 and parts[1] in OPTIMIZERS:
                 if parts[1] != optimizer:
                     continue
+            elif self.shadowed(path, optimizer):
+                continue
             out[path] = sp
         return out
+
+    def shadowed(self, path: str, optimizer: str) -> bool:
+        """True when the generic ``optimizer.X`` at ``path`` is set in ``optimizer``'s own block too (the more
+        specific key wins)."""
+        parts = path.split(".")
+        if parts[0] != "optimizer" or len(parts) < 2 or parts[1] in OPTIMIZERS or parts[1] == "name":
+            return False
+        return get_path(self.raw, ".".join(["optimizer", optimizer] + parts[1:])) is not None
+
+    def check_overrides(self, overrides: list[str]) -> None:
+        """A generic ``optimizer.X=...`` override that every optimizer of the sweep sets in its own block would
+        change nothing: an error naming those keys."""
+        names = self.optimizer_names()
+        for text in overrides:
+            key = parse_override(text)[0]
+            if all(self.shadowed(key, n) for n in names):
+                field = key.split(".", 1)[1]
+                blocks = ", ".join(f"optimizer.{n}.{field}" for n in names)
+                raise ConfigError(f"{self.source}: override {key}: every optimizer of this sweep sets it in its "
+                                  f"own block ({blocks}), and the more specific key wins; override those instead")
 
     def resolve(self, assignment: dict[str, Any], seed: Optional[int] = None) -> Experiment:
         """The concrete Experiment for values of the spaces (missing ones take their first candidate)."""
@@ -177,6 +199,15 @@ class SweepSpec:
                 raise ConfigError(f"{self.source}: search.algorithm: 'grid' cannot sample {', '.join(bad)}; "
                                   f"allowed: random, optuna (or make them {{grid: [...]}})")
 
+    def notes(self) -> list[str]:
+        """What the sweep changes of its own accord: a warm-up longer than the run, clamped to it."""
+        warmup = get_path(self.raw, "train.warmup", TrainConfig().warmup)
+        steps = self.spaces["train.steps"].candidates() if "train.steps" in self.spaces else [self.base.train.steps]
+        short = sorted({s for s in steps if isinstance(warmup, int) and isinstance(s, int) and s < warmup})
+        if not short:
+            return []
+        return [f"train.warmup={warmup} exceeds train.steps={', '.join(map(str, short))}: clamped to the run's length"]
+
     def experiment(self) -> Experiment:
         """The single Experiment of a file without spaces (for ``python -m rayexp.train``)."""
         if self.spaces:
@@ -205,7 +236,9 @@ def _absolute_paths(raw: dict, cwd: Path) -> dict:
 def load_sweep(path: Union[str, Path, None], overrides: list[str] = ()) -> SweepSpec:
     """Load and fully validate a sweep file; raises ConfigError before anything starts."""
     source = str(path) if path is not None else "defaults"
-    return SweepSpec(load_raw(path, overrides), source)
+    spec = SweepSpec(load_raw(path, overrides), source)
+    spec.check_overrides(list(overrides))
+    return spec
 
 
 def load_experiment(path: Union[str, Path, None], overrides: list[str] = ()) -> Experiment:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from dataclasses import dataclass, field
 import tempfile
@@ -24,7 +25,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from rayexp.config import Experiment
+from rayexp.config import ConfigError, Experiment
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under their parent
 KIND_TAG = "rayexp.kind"  # "sweep" (parent run) | "trial" (child run)
@@ -36,8 +37,9 @@ SEED_TAG = "rayexp.seed"
 GIT_TAG = "rayexp.git_commit"
 NODE_TAG = "rayexp.node_id"  # the Ray node a trial ran on
 RESUMED_TAG = "rayexp.resumed_from_step"  # the checkpoint step a restarted trial continued from
-STATUSES = ("running", "finished", "stopped", "diverged", "failed")
+STATUSES = ("running", "finished", "stopped", "diverged", "failed", "killed")  # killed: interrupted, resumable
 MAX_PARAM_LEN = 6000
+UI_PORT = 5000  # where ``rayexp ui`` serves the local store by default
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -47,11 +49,70 @@ def resolve_uri(uri: Optional[str] = None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def check_uri(uri: str, timeout: float = 5.0) -> None:
+    """Raise ConfigError unless the store at ``uri`` can be used: an http(s) server answers within
+    ``timeout`` seconds (any HTTP status counts), a sqlite file's folder is writable."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answers (e.g. 401 behind basic auth)
+        except (OSError, ValueError) as e:
+            why = getattr(e, "reason", None) or e
+            raise ConfigError(f"tracking.uri={uri}: no MLflow server answers within {timeout:g} s ({why}); "
+                              f"start one, or leave tracking.uri unset for the local store ./mlflow.db") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking.uri={uri}: folder {str(folder)!r} does not exist or is not writable")
+
+
 def ui_command(uri: str) -> str:
     """The shell command that opens the MLflow UI on the store at ``uri``."""
+    import sys
+
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000"
+    script = Path(sys.executable).parent / "rayexp"  # works from any shell, venv active or not
+    cmd = str(script) if script.is_file() else f"{sys.executable} -m rayexp.cli"
+    return f"{cmd} ui" + ("" if uri == last_sweep().get("uri") else f" --uri {uri}")
+
+
+def runs_link(server: str, experiment_id: str) -> str:
+    """The UI's Training runs view of an experiment (MLflow 3 would land on a GenAI overview)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def _last_sweep_file() -> Path:
+    home = os.environ.get("RAYEXP_HOME") or Path.home() / ".cache" / "rayexp"
+    return Path(home) / "last_sweep.json"
+
+
+def remember_sweep(uri: str, parent_run_id: str) -> dict:
+    """Record the store and experiment of the sweep just run (what ``rayexp ui`` opens); returns the record."""
+    import json
+
+    record = {"uri": uri, "experiment_id": MlflowClient(uri).get_run(parent_run_id).info.experiment_id,
+              "parent_run_id": parent_run_id}
+    try:
+        _last_sweep_file().parent.mkdir(parents=True, exist_ok=True)
+        _last_sweep_file().write_text(json.dumps(record))
+    except OSError:
+        pass  # a read-only home: `rayexp ui --uri` still works
+    return record
+
+
+def last_sweep() -> dict:
+    """The record ``remember_sweep`` wrote last ({} when none)."""
+    import json
+
+    try:
+        return json.loads(_last_sweep_file().read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def git_commit() -> str:
@@ -121,6 +182,18 @@ def set_run_status(uri: str, run_id: str, status: str) -> None:
         client.set_terminated(run_id, status)
 
 
+def kill_running_children(uri: str, parent_run_id: str) -> int:
+    """Mark the sweep's child runs still RUNNING as KILLED (STATUS_TAG killed); returns how many."""
+    client = MlflowClient(uri)
+    n = 0
+    for run in sweep_children(uri, parent_run_id):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, STATUS_TAG, "killed")
+            client.set_terminated(run.info.run_id, "KILLED")
+            n += 1
+    return n
+
+
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 90):
@@ -179,6 +252,9 @@ class MlflowReporter:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
@@ -228,9 +304,15 @@ def runs_of(uri: Optional[str], experiment: str, kind: str = "trial") -> list:
 
 
 def latest_sweep_run(client: MlflowClient, exp_id: str):
-    """The most recently started sweep (parent) run of an experiment, or None."""
+    """The most recently started sweep (parent) run of an experiment with a finished trial (else the most
+    recent sweep run), or None."""
     runs = client.search_runs([exp_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'", order_by=["start_time DESC"],
-                              max_results=1)
+                              max_results=200)
+    for run in runs:
+        done = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and "
+                                                          f"tags.`{STATUS_TAG}` = 'finished'", max_results=1)
+        if done:
+            return run
     return runs[0] if runs else None
 
 

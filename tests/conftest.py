@@ -6,6 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("RAYEXP_HOME", __import__("tempfile").mkdtemp(prefix="rayexp-home-"))  # last_sweep.json
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -87,3 +87,37 @@ data: {{cache_dir: {tmp_path}/cache}}
         assert len(results) == 2 and len(nodes) == 2, nodes
     finally:
         _stop(groups)
+
+
+def _stub(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def test_head_commands_bind_to_the_private_address_with_mlflow_basic_auth(tmp_path):
+    """The head's commands, rendered by bash with stubs for hostname, pgrep, mlflow and ray: nothing on
+    0.0.0.0, MLflow behind its basic-auth app with the user's credentials file, allowed hosts and CORS set."""
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    commands = " ".join(c for k, v in raw.items() if k.endswith("_commands") for c in v)
+    assert "0.0.0.0" not in commands and "RAY_AUTH_MODE" not in commands
+    (secret,) = [src for dst, src in raw["file_mounts"].items() if dst.endswith("mlflow_auth.ini")]
+    assert secret.startswith("~/") and not list(ROOT.rglob("mlflow_auth.ini"))  # the user's, never committed
+    home, stubs = tmp_path / "home", tmp_path / "bin"
+    (home / ".rayexp").mkdir(parents=True)
+    (home / ".rayexp" / "mlflow_auth.ini").write_text("[mlflow]\nadmin_username = alice\nadmin_password = s3cret\n")
+    _stub(stubs / "hostname", "echo '10.1.2.3 172.17.0.1'")
+    _stub(stubs / "pgrep", "exit 1")
+    for tool in ("mlflow", "ray"):
+        _stub(home / "rayexp-venv" / "bin" / tool, f'echo "$MLFLOW_AUTH_CONFIG_PATH $*" >> {tmp_path}/{tool}.argv')
+    env = {"HOME": str(home), "PATH": f"{stubs}:/usr/bin:/bin"}
+    for cmd in raw["head_setup_commands"] + [c for c in raw["head_start_ray_commands"] if c != "ray stop"]:
+        subprocess.run(["bash", "-c", cmd + "\nwait"], env=env, check=True, timeout=30)
+    mlflow = (tmp_path / "mlflow.argv").read_text().split()
+    assert mlflow[0] == f"{home}/.rayexp/mlflow_auth.ini" and mlflow[1] == "server"
+    opts = dict(zip(mlflow[2::2], mlflow[3::2]))
+    assert opts["--host"] == "10.1.2.3" and opts["--app-name"] == "basic-auth"
+    assert "10.1.2.3:5000" in opts["--allowed-hosts"].split(",") and "*" not in opts["--cors-allowed-origins"]
+    assert "--dashboard-host=10.1.2.3" in (tmp_path / "ray.argv").read_text().split()
+    bashrc = (home / ".bashrc").read_text()
+    assert "MLFLOW_TRACKING_URI=http://10.1.2.3:5000" in bashrc and "MLFLOW_TRACKING_USERNAME=alice" in bashrc

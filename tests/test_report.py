@@ -369,3 +369,34 @@ async def _cdp_session(url: str, shot: Path, profile: Path, steps: list) -> list
 def _png_pixels(path: Path) -> np.ndarray:
     import matplotlib.image as mpimg
     return (mpimg.imread(path)[..., :3] * 255).astype(float)
+
+
+def _pick_sweep(uri, name, outcomes):
+    """A sweep run with one child per (lr, status) in ``outcomes``."""
+    parent = tracking.sweep_parent_run(uri, "report-pick", f"{name}-key", run_name=name)
+    for lr, status in outcomes:
+        exp = validate({"name": "pick", "optimizer": {"name": "sgd", "lr": lr}, "train": {"steps": 10, "warmup": 0}})
+        rep = tracking.MlflowReporter(uri, "report-pick", exp, f"{name}-{lr}", parent_run_id=parent)
+        rep.report(10, {"train_loss": 3.0, "val_loss": 3.0 + lr})
+        rep.finish(status, {"val_loss": 3.0 + lr} if status == "finished" else None)
+    return parent
+
+
+def test_report_names_its_sweep_skips_one_without_finished_trials_and_tells_failed_from_diverged(
+        mlflow_server, tmp_path):
+    import os
+    import sys
+    from rayexp.report.figures import plot_lr_sensitivity
+    good = _pick_sweep(mlflow_server, "pick-good", [(0.1, "finished"), (0.3, "finished"), (1.0, "diverged"),
+                                                   (3.0, "failed")])
+    _pick_sweep(mlflow_server, "pick-broken", [(0.1, "failed"), (0.3, "failed")])  # newer, nothing finished
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "rayexp.report", "report-pick", "--out", str(tmp_path / "r"),
+                          "--uri", mlflow_server, "--no-log"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("report of MLflow ") and f"sweep pick-good (parent run {good}), 4 runs" in \
+        out.stdout.splitlines()[0], out.stdout
+    sweep = report.load_runs(mlflow_server, "report-pick")
+    fig, _ = plot_lr_sensitivity(report.group_configs(sweep.runs))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "diverged (all seeds)" in labels and "failed (all seeds)" in labels, labels

@@ -27,6 +27,35 @@ def _files(path: str, suffixes: tuple[str, ...]) -> list[Path]:
     raise ConfigError(f"data.corpus: file not found: {str(p)!r}")
 
 
+def check(corpus: str, timeout: float = 5.0) -> None:
+    """Raise ConfigError unless ``corpus`` can be read: its files exist, a hub dataset is cached or the hub
+    answers within ``timeout`` seconds (checked before a sweep starts its trials)."""
+    kind, _, arg = corpus.partition(":")
+    if kind in ("text", "parquet"):
+        _files(arg, (".txt", ".md") if kind == "text" else (".parquet",))
+    elif kind == "hf" and not Path(arg.partition(":")[0]).expanduser().exists():
+        name = arg.partition(":")[0]
+        if _hub_cached(name):
+            return
+        if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError(f"data.corpus={corpus!r}: not in the Hugging Face cache and the hub is off "
+                              f"(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE)")
+        import socket
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        except OSError as e:
+            raise ConfigError(f"data.corpus={corpus!r}: not cached and huggingface.co does not answer "
+                              f"within {timeout:g} s ({e})") from None
+
+
+def _hub_cached(name: str) -> bool:
+    """True when the hub dataset ``name`` has a copy in the Hugging Face hub or datasets cache."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE", home / "hub")) / f"datasets--{name.replace('/', '--')}"
+    ds = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")) / name.replace("/", "___")
+    return hub.is_dir() or ds.is_dir()
+
+
 def fingerprint(corpus: str) -> str:
     """A string that changes when the corpus's content may have changed (paths, sizes, mtimes)."""
     kind, _, arg = corpus.partition(":")

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--series", default=None, help="comma-separated params that tell lines apart "
                                                    "(default: optimizer.name + varied non-numeric params)")
     ap.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         rep = build_report(args.experiment, args.uri, args.out or f"report/{args.experiment}", args.parent,
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"report of {rep.source}")
     for name, rows in rep.tables.items():
         if name != "runs":
             print(f"{name}:\n{table_text(rows)}\n")

@@ -67,6 +67,11 @@ def plot_loss_curves(best: dict[str, Config], band: str = "std"):
     return fig, data
 
 
+def _outcome(config: Config) -> str:
+    """``failed`` when a seed of a config without a finite result raised, else ``diverged``."""
+    return "failed" if any(r.status == "failed" for r in config.runs) else "diverged"
+
+
 def plot_lr_sensitivity(configs: Sequence[Config]):
     """Final val loss (mean ± std over seeds) vs learning rate, log x, one line per series."""
     fig = Figure(figsize=(6.5, 4.5))
@@ -83,13 +88,14 @@ def plot_lr_sensitivity(configs: Sequence[Config]):
         color = f"C{i % 10}"
         ax.errorbar(lrs[ok], stats[ok, 0], yerr=np.nan_to_num(stats[ok, 1]), color=color, marker="o", capsize=3,
                     label=series)
-        diverged += [(lr, color) for lr in lrs[~ok]]
+        diverged += [(lr, color, _outcome(c)) for lr, c in zip(lrs[~ok], np.array(cs, dtype=object)[~ok])]
         data[series] = {"lr": lrs, "mean": stats[:, 0], "std": stats[:, 1]}
     if diverged:
-        top = ax.get_ylim()[1]
-        for j, (lr, color) in enumerate(diverged):
-            ax.plot([lr], [top], marker="x", color=color, ms=9, mew=2, linestyle="none", clip_on=False,
-                    label="diverged (all seeds)" if j == 0 else None)
+        top, shown = ax.get_ylim()[1], set()
+        for lr, color, outcome in diverged:  # × diverged, ▽ failed (raised): they are not the same story
+            ax.plot([lr], [top], marker="x" if outcome == "diverged" else "v", color=color, ms=9, mew=2,
+                    linestyle="none", clip_on=False, label=None if outcome in shown else f"{outcome} (all seeds)")
+            shown.add(outcome)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (optimizer.lr)")
     ax.set_ylabel("final val loss")

@@ -26,6 +26,7 @@ class Report:
     skipped: dict
     data: dict
     parent_run_id: Optional[str]
+    source: str = ""  # which store, experiment and sweep the report was made from
 
 
 def _png(fig: Figure, path: Path) -> Path:
@@ -154,7 +155,8 @@ def build_report(experiment: str, uri: Optional[str] = None, out_dir: str | Path
         figures, data, skipped = {}, {}, {name: "the sweep has no child runs" for name, _ in SECTIONS}
     parent_id = sweep.parent.info.run_id if sweep.parent is not None else None
     notes = [f"MLflow {sweep.uri}, experiment {experiment!r}, "
-             + (f"parent run {parent_id}" if parent_id else "all trial runs (no sweep run)")
+             + (f"sweep {sweep.parent.info.run_name} (parent run {parent_id})" if parent_id
+                else "all trial runs (no sweep run)")
              + f", {len(sweep.runs)} runs. Bands: {F.band_label(band)}."]
     for name, rows in tables.items():
         (out / f"{name}.txt").write_text(table_text(rows) + "\n")
@@ -162,7 +164,7 @@ def build_report(experiment: str, uri: Optional[str] = None, out_dir: str | Path
     page.write_text(render_html(f"rayexp report: {experiment}", figures, tables, skipped, notes))
     if log_artifacts and parent_id:
         sweep.client.log_artifacts(parent_id, str(out), "report")
-    return Report(out, figures, tables, page, skipped, data, parent_id)
+    return Report(out, figures, tables, page, skipped, data, parent_id, notes[0])
 
 
 HESSIAN_TABLE = ("lambda_max_abs", "js_heterogeneity", "l11_over_d", "l11_rotated_over_d", "grad_heterogeneity",

@@ -6,48 +6,20 @@ names its trial by ``trial_key``, so the callback needs no search-algorithm-spec
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from ray import tune
 
 from rayexp import tracking
 from rayexp.sweep.plan import Trial
+from rayexp.sweep.state import STATE_FILE, SweepState  # noqa: F401  (re-exported)
 
 LOGGED = {"train_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "diverged"}
 LOGGED_PREFIXES = ("grad_norm/", "mada/", "optim/", "hessian/", "curv/")
-STATE_FILE = "rayexp_sweep.json"
-
-
-@dataclass
-class SweepState:
-    """One sweep instance: what ``--resume`` reads back from ``<storage>/<run_name>/rayexp_sweep.json``."""
-    run_name: str  # Tune experiment name: <sweep name>-<start time>
-    sweep_id: str  # SWEEP_KEY_TAG of the parent run; part of every trial key
-    raw: dict  # the sweep's raw config, paths absolute
-    source: str  # where the raw config came from (file name), for error messages
-    storage: str  # Ray Tune storage path
-    uri: str  # MLflow tracking URI
-    experiment: str  # MLflow experiment name
-    parent_run_id: str
-
-    @property
-    def path(self) -> Path:
-        return Path(self.storage) / self.run_name / STATE_FILE
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(dataclasses.asdict(self), indent=1, default=str))
-
-    @classmethod
-    def load(cls, path: Path) -> "SweepState":
-        return cls(**json.loads(Path(path).read_text()))
 
 
 @dataclass
@@ -142,11 +114,14 @@ class SweepCallback(tune.Callback):
             error_file = getattr(tune_trial, "error_file", None) if failed else None
             if error_file and os.path.isfile(error_file):  # the traceback, next to the run's metrics
                 rep.log_artifact(error_file)
+            if r.get("config_error"):  # bad input inside the trial: the message is the whole story
+                rep.log_text(r["config_error"] + "\n", "error.txt")
             ckpt = tune_trial.checkpoint
             if status != "failed" and key == last and ckpt is not None and ckpt.filesystem.type_name == "local":
                 tracking.log_checkpoint(rep.run_id, ckpt.path, self.state.uri)
             if status != "finished":
                 where = f" (error log: {error_file})" if error_file else ""
+                where = f": {r['config_error']}" if r.get("config_error") else where
                 print(f"[{key[:6]}] {o.trial.label() if o.trial.index is not None else ''} -> {status}{where}",
                       flush=True)
             del self.open[key]
@@ -169,7 +144,7 @@ def _trial_of(tune_trial, key: Optional[str]) -> Optional[Trial]:
 
 def _status(result: dict, failed: bool) -> str:
     """STATUS_TAG value of a closed run from its last result row."""
-    if failed:
+    if failed or result.get("config_error"):
         return "failed"
     if result.get("diverged"):
         return "diverged"

@@ -79,6 +79,11 @@ def plan(spec: SweepSpec, sweep_id: str) -> list[Trial]:
     if spec.search.algorithm == "optuna":
         return []
     trials: list[Trial] = []
-    for a in assignments(spec):
-        trials += trials_of(spec, sweep_id, a, index=len(trials))
+    known: set[str] = set()
+    for a in assignments(spec):  # two assignments that resolve to the same Experiment are one trial
+        for t in trials_of(spec, sweep_id, a):
+            if t.key not in known:
+                known.add(t.key)
+                t.index = len(trials)
+                trials.append(t)
     return trials

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +128,8 @@ def tuner(spec: SweepSpec, state: SweepState, trials: list[Trial], restore: bool
 class SweepResult:
     state: SweepState
     summary: list  # rows of rayexp.sweep.summary.summarize
-    errors: int  # Tune trials that raised (diverged trials are results, not errors)
+    errors: int  # trials that failed (diverged trials are results, not errors)
+    interrupted: bool = False  # SIGINT/SIGTERM: the parent run and unfinished child runs are KILLED
 
 
 def new_state(spec: SweepSpec) -> SweepState:
@@ -150,6 +153,60 @@ def init_ray() -> None:
                  include_dashboard=False, log_to_driver=False)
 
 
+def resume_command(state: SweepState) -> str:
+    out_root = Path(state.storage).parent
+    return (f"python -m rayexp.sweep --resume {state.run_name}"
+            + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""))
+
+
+class _NoRestoreHint(logging.Filter):
+    """Drops Tune's own ``Tuner.restore(...)`` hint and its lists of unfinished trials: ``--resume`` is ours."""
+    LOGGERS = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")
+    DROPPED = ("Tuner.restore", "Trials did not complete", "Failed to fetch metrics")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(d in msg for d in self.DROPPED)
+
+
+class _Stop:
+    """SIGINT and SIGTERM handler during ``fit``: the first signal asks Tune to end the run after saving its
+    state (Tune's SIGUSR1 handler), a second one, or one before Tune is listening, raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.signalled = False
+
+    def __call__(self, signum, frame) -> None:
+        tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        first, self.signalled = not self.signalled, True
+        if not (first and tune_listens):
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGUSR1)
+
+
+def _fit(t: tune.Tuner) -> tuple[Optional[tune.ResultGrid], bool]:
+    """``t.fit()`` and whether a signal interrupted it (no result when it stopped before Tune's loop)."""
+    for name in _NoRestoreHint.LOGGERS:
+        logging.getLogger(name).addFilter(_NoRestoreHint())
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours asks Tune to stop, and knows that it did
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return t.fit(), stop.signalled
+    except KeyboardInterrupt:
+        return None, True
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupted(state: SweepState) -> None:
+    tracking.set_run_status(state.uri, state.parent_run_id, "KILLED")
+    n = tracking.kill_running_children(state.uri, state.parent_run_id)
+    print(f"interrupted: parent run and {n} unfinished trial run(s) marked KILLED; finish the sweep with:\n"
+          f"  {resume_command(state)}", file=sys.stderr, flush=True)
+
+
 def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool = False) -> SweepResult:
     """Run a sweep, or resume the one ``state`` describes (its spec is ``SweepSpec(state.raw)``)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no table-creation chatter on a new store
@@ -157,23 +214,29 @@ def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool =
     state = state or new_state(spec)
     trials = plan(spec, state.sweep_id)
     optuna = spec.search.algorithm == "optuna"
-    print(f"rayexp.sweep: {state.run_name}: {len(trials) or spec.search.num_samples} trials ({spec.search.algorithm}"
+    total = len(trials) or spec.search.num_samples
+    print(f"rayexp.sweep: {state.run_name}: {total} trials ({spec.search.algorithm}"
           f"{', ' + str(len(spec.seeds)) + ' seeds each' if optuna else ''}), "
           f"MLflow {state.uri} experiment {state.experiment!r}", flush=True)
-    out_root = Path(state.storage).parent
-    print(f"  resume after an interruption with: python -m rayexp.sweep --resume {state.run_name}"
-          + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""), flush=True)
-    init_ray()
-    t = tuner(spec, state, trials, restore=resume)
+    print(f"  resume after an interruption with: {resume_command(state)}", flush=True)
     if resume:  # a new parent run is created RUNNING; a resumed one was left FAILED or KILLED
         tracking.set_run_status(state.uri, state.parent_run_id, "RUNNING")
     try:
-        grid = t.fit()
+        init_ray()
+        grid, interrupted = _fit(tuner(spec, state, trials, restore=resume))
+    except KeyboardInterrupt:  # before Tune's loop (e.g. while Ray starts)
+        grid, interrupted = None, True
     except BaseException:
         tracking.set_run_status(state.uri, state.parent_run_id, "KILLED")
         raise
-    tracking.set_run_status(state.uri, state.parent_run_id, "FAILED" if grid.num_errors else "FINISHED")
+    if interrupted:
+        _interrupted(state)
+        return SweepResult(state, [], 0, interrupted=True)
+    failed = sum(r.data.tags.get(tracking.STATUS_TAG) == "failed"
+                 for r in tracking.sweep_children(state.uri, state.parent_run_id))
+    errors = max(grid.num_errors, failed)
+    tracking.set_run_status(state.uri, state.parent_run_id, "FAILED" if errors else "FINISHED")
     rows = summarize(state.uri, state.parent_run_id, spec)
     if not quiet:
         print_summary(rows, state)
-    return SweepResult(state, rows, grid.num_errors)
+    return SweepResult(state, rows, errors)

@@ -9,9 +9,10 @@ import argparse
 import hashlib
 import sys
 import time
+from pathlib import Path
 
 from rayexp.config import ConfigError
-from rayexp.spaces import load_experiment
+from rayexp.spaces import load_sweep
 
 
 class ConsoleReporter:
@@ -40,19 +41,62 @@ class FanOut:
         return any([bool(r.report(step, metrics, checkpoint_dir)) for r in self.reporters])
 
 
+FIXED_ON_RESUME = ("model", "optimizer", "rotation")  # sections a resumed run may not change
+
+
+def resume_experiment(ckpt, overrides: list[str]):
+    """The checkpoint's own Experiment with ``overrides`` applied; one that changes its model or optimizer
+    is refused (that would be another experiment, not this one continued)."""
+    from rayexp.config import get_path, parse_override, set_path, validate
+    from rayexp.train.checkpoint import load_experiment as checkpoint_experiment
+
+    own = checkpoint_experiment(ckpt)
+    raw = own.to_dict()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] in FIXED_ON_RESUME and get_path(raw, key, object()) != value:
+            raise ConfigError(f"--resume: {key}={value} would change the checkpoint's "
+                              f"{key.split('.')[0]} ({own.optimizer.name} lr={own.optimizer.lr:g}, "
+                              f"{own.model.preset or own.model.kind}); start a new run for that")
+        set_path(raw, key, value)
+    return validate(raw, f"{ckpt}/config.yaml")
+
+
+def _experiment(args):
+    """The Experiment to run, and the checkpoint to continue from (None: a fresh run)."""
+    if not args.resume:
+        spec = load_sweep(args.config, args.overrides)
+        for note in spec.notes():
+            print(f"note: {note}", flush=True)
+        return spec.experiment(), None
+    if args.config:
+        raise ConfigError(f"--resume continues the checkpoint's own config; give key=value overrides, not "
+                          f"{args.config}")
+    from rayexp.train.checkpoint import good_checkpoint, load_state
+
+    ckpt, note = good_checkpoint(args.resume)
+    if note:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    exp = resume_experiment(ckpt, args.overrides)
+    print(f"resuming {ckpt} at step {int(load_state(ckpt)['step'])}: {exp.optimizer.name} "
+          f"lr={exp.optimizer.lr:g}, its own config", flush=True)
+    return exp, str(ckpt)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rayexp.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", help="experiment YAML (default: embedded defaults: gpt2-tiny, builtin corpus)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-3 train.steps=100")
-    ap.add_argument("--resume", metavar="CHECKPOINT_DIR", help="continue from a checkpoint directory")
+    ap.add_argument("--resume", metavar="CHECKPOINT_DIR",
+                    help="continue from a checkpoint directory, with its own config (overrides: e.g. train.steps)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     if args.config and "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = None
     try:
-        exp = load_experiment(args.config, args.overrides)
+        exp, args.resume = _experiment(args)
         return _run(exp, args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -77,7 +121,9 @@ def _run(exp, args) -> int:
           f"{exp.data.corpus}/{exp.data.tokenizer} | {exp.train.steps} steps", flush=True)
     status = "failed"
     try:
-        result = run_training(exp, FanOut(ConsoleReporter(exp.train.steps), mlf), resume_from=args.resume)
+        workdir = str(Path(args.resume).parent) if args.resume else None  # a resumed run goes on where it was
+        result = run_training(exp, FanOut(ConsoleReporter(exp.train.steps), mlf), resume_from=args.resume,
+                              workdir=workdir)
         status = result.status
     finally:
         if mlf is not None:

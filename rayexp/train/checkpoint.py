@@ -6,13 +6,17 @@ Layout of a checkpoint directory::
     optim.pt      optimizer state_dict
     state.pt      loop state: step, history, initial loss, RNG states, vocab size, extra
     config.yaml   the resolved Experiment
+    checksums.json  sha256 of each file above
 
 Writes go to a temporary sibling directory renamed into place, so a killed process never leaves a
-half-written checkpoint behind. A run resumes from a checkpoint only when its config.yaml is the run's own
+half-written checkpoint behind; the checksums catch one damaged afterwards (``verify``), and ``good_checkpoint``
+falls back to the previous one of the same run. A run resumes from a checkpoint only when its config.yaml is the run's own
 (``resume_point``); ``restore`` loads weights, optimizer state and RNG state back.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -47,9 +51,70 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, step: 
         torch.save(optimizer.state_dict(), tmp / "optim.pt")
     torch.save({"step": step, **(extra or {})}, tmp / "state.pt")
     (tmp / "config.yaml").write_text(exp.to_yaml())
+    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     return str(path)
+
+
+CHECKSUMS = "checksums.json"
+KEEP = 2  # checkpoints kept per run: the latest and the previous good one to fall back to
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prune(workdir: Path, keep: int = KEEP) -> None:
+    """Drop all but the ``keep`` latest ``checkpoint_<step>`` directories under ``workdir``."""
+    done = sorted(p for p in Path(workdir).glob("checkpoint_*") if not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(path) -> Path:
+    """``path`` when every file matches its checksum; else ConfigError naming the file. A checkpoint
+    without checksums (older format) is checked by loading its files."""
+    path = _check_dir(path)
+    sums_file = path / CHECKSUMS
+    if not sums_file.is_file():
+        for name in ("model.pt", "optim.pt", "state.pt"):
+            if (path / name).is_file():
+                try:
+                    torch.load(path / name, map_location="cpu", weights_only=False)
+                except Exception as e:
+                    raise ConfigError(f"checkpoint file {path / name}: {name} does not load "
+                                      f"({type(e).__name__}): corrupt or truncated") from None
+        return path
+    for name, digest in json.loads(sums_file.read_text()).items():
+        f = path / name
+        if not f.is_file():
+            raise ConfigError(f"checkpoint file {f} is missing: a partial checkpoint")
+        if _sha256(f) != digest:
+            raise ConfigError(f"checkpoint file {f}: {name} does not load: it does not match its checksum "
+                              f"(corrupt or truncated)")
+    return path
+
+
+def good_checkpoint(path) -> tuple[Path, str | None]:
+    """``path`` when it verifies, else the latest older ``checkpoint_*`` beside it that does, with a note
+    saying so; ConfigError (naming the bad file) when there is none."""
+    try:
+        return verify(path), None
+    except ConfigError as e:
+        path, error = Path(path), e
+    older = sorted((p for p in path.parent.glob("checkpoint_*") if p.name < path.name and p.is_dir()), reverse=True)
+    for p in older:
+        try:
+            return verify(p), f"{error}; resuming from the previous good checkpoint {str(p)!r}"
+        except ConfigError:
+            continue
+    raise error
 
 
 def _check_dir(path) -> Path:
@@ -103,7 +168,7 @@ def load_model(path, **model_overrides) -> tuple[nn.Module, Experiment, int]:
     """
     from rayexp.models import build
 
-    exp = load_experiment(path)
+    exp = load_experiment(verify(path))
     if model_overrides:
         model_cfg = type(exp.model).model_validate({**exp.model.model_dump(), **model_overrides})
         exp = exp.model_copy(update={"model": model_cfg})

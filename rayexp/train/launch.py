@@ -140,6 +140,16 @@ def run_trial(key: str, exp: Experiment, storage: str, max_failures: int, offset
     ``storage`` and ``max_failures`` are the sweep's, for a Ray Train worker group. A run in the Tune trial
     itself calls ``after_training(exp, result, identity)`` while its final checkpoint still exists;
     ``monitors`` go to ``run_training`` (every rank's under a Ray Train worker group)."""
+    try:
+        return _run_trial(key, exp, storage, max_failures, offset, after_training, monitors)
+    except ConfigError as e:  # bad input is not retried: one result row says why, the trial ends
+        ray.tune.report({"trial_key": key, "config_error": str(e), "step": 0, "steps_total": exp.train.steps,
+                         "progress": offset, "evaluated": 0.0, "val_loss": float("inf")})
+        return float("inf")
+
+
+def _run_trial(key: str, exp: Experiment, storage: str, max_failures: int, offset: int,
+               after_training: Optional[Callable], monitors: Sequence[Callable] = ()) -> float:
     if needs_trainer(exp):
         return _fit_trainer(key, exp, storage, max_failures, offset, monitors)
     with tempfile.TemporaryDirectory(prefix="rayexp-trial-") as scratch:  # Tune keeps its own checkpoint copies

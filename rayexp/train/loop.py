@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import torch.nn as nn
 
 from rayexp.config import ConfigError, Experiment
 from rayexp.models import block_size, build
-from rayexp.train.checkpoint import restore, save_checkpoint, unwrap
+from rayexp.train.checkpoint import prune, restore, save_checkpoint, unwrap
 
 EVAL_SEED = 1_234_567
 
@@ -235,9 +234,7 @@ class _Loop:
             # under DeepSpeed ZeRO the optimizer state is partitioned across ranks: weights only
             optimizer = None if self.engine is not None else self.optimizer
             save_checkpoint(path, self.model, optimizer, self.step, self.exp, extra)
-            for old in self.workdir.glob("checkpoint_*"):
-                if str(old) != path and not old.name.endswith(".tmp"):
-                    shutil.rmtree(old, ignore_errors=True)
+            prune(self.workdir)
         if self.world > 1:
             dist.barrier()
         self.last_ckpt = path

@@ -1,0 +1,36 @@
+"""Checks a sweep passes before Ray starts: its corpora can be read, its MLflow store answers, its output
+directory is writable. Each failure is one ConfigError line (the CLI exits 2)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rayexp import tracking
+from rayexp.config import ConfigError
+from rayexp.data import corpora
+from rayexp.spaces import SweepSpec
+
+
+def corpora_of(spec: SweepSpec) -> list[str]:
+    """Every corpus a trial of ``spec`` may read (a space's candidates, or the one corpus)."""
+    sp = spec.spaces.get("data.corpus")
+    names = [spec.resolve({"data.corpus": c}).data.corpus for c in sp.candidates()] if sp else [spec.base.data.corpus]
+    return list(dict.fromkeys(names))
+
+
+def check_output_dir(path: str) -> None:
+    """Raise ConfigError unless ``path`` can be created and written."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".rayexp-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"output_dir={path}: not writable ({e.strerror or e})") from None
+
+
+def preflight(spec: SweepSpec, timeout: float = 5.0) -> None:
+    """Every check, cheapest first; raises ConfigError at the first failure."""
+    for corpus in corpora_of(spec):
+        corpora.check(corpus, timeout)
+    tracking.check_uri(tracking.resolve_uri(spec.base.tracking.uri), timeout)
+    check_output_dir(spec.base.output_dir)
