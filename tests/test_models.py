@@ -158,7 +158,7 @@ def test_sdpa_backend_is_validated_and_cpu_keeps_torchs_kernel():
 def test_precise_fp32_sdpa_training_curve_equals_naive(tmp_path):
     """Precise mode: 20 fp32 steps of gpt2-tiny through run_training with attention=sdpa (on CUDA the
     memory-efficient kernel; here torch's CPU kernel) follow the naive-attention run to 1e-5 per step."""
-    from rayexp.config import load_experiment
+    from rayexp.spaces import load_experiment
     from rayexp.train.loop import run_training
     curves = {}
     for attention in ("naive", "sdpa"):

@@ -151,7 +151,7 @@ def test_compiled_families_equal_reference(case):
 def test_run_training_with_the_compiled_fused_step_follows_the_reference(tmp_path):
     """run_training on CPU with optimizer.fused=true (the compiled kernels, as on CUDA) against fused=false:
     the same loss curve to 1e-5 over 12 steps of gpt2-tiny (clip on, two param groups)."""
-    from rayexp.config import load_experiment
+    from rayexp.spaces import load_experiment
     from rayexp.train.loop import run_training
     curves = {}
     for flag in ("false", "true"):
