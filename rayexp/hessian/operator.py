@@ -162,7 +162,21 @@ class Operator:
         return other
 
 
-class BlockView:
+class _View:
+    """An operator derived from ``self.op``: its product count, one-vector products and group reduce."""
+
+    @property
+    def count(self) -> int:
+        return self.op.count
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(1, -1))[0]
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.reduce(x)
+
+
+class BlockView(_View):
     """The diagonal block H_bb of an operator as an operator on vectors supported on block b.
 
     Its vectors are the part of block b inside ``op.span``; products embed them in zeros, apply H and keep
@@ -177,20 +191,11 @@ class BlockView:
         self.d, self.device, self.dtype, self.blocks = block.size, op.device, op.dtype, [block]
         self.precision = getattr(op, "precision", "fp64")
 
-    @property
-    def count(self) -> int:
-        return self.op.count
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matmat(v.reshape(1, -1))[0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         full = torch.zeros(len(V), self.op.span.stop - self.op.span.start, dtype=torch.float64, device=self.device)
         full[:, self.local] = V
         return self.op.matmat(full)[:, self.local]
-
-    def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.reduce(x)
 
 
 def block_products(op: HessianOperator, blocks: Sequence[Block]):
@@ -274,7 +279,7 @@ class FunctionOperator:
         return x
 
 
-class Scaled:
+class Scaled(_View):
     """D H D for a diagonal D (this process's part ``scale`` of it): e.g. P^{-1/2} H P^{-1/2}, whose λ_max is
     the preconditioned sharpness of an adaptive method with preconditioner P."""
 
@@ -283,15 +288,6 @@ class Scaled:
         self.d, self.span, self.device, self.dtype, self.blocks = op.d, op.span, op.device, op.dtype, op.blocks
         self.precision = getattr(op, "precision", "fp64")
 
-    @property
-    def count(self) -> int:
-        return self.op.count
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matmat(v.reshape(1, -1))[0]
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.scale * self.op.matmat(self.scale * V)
-
-    def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.reduce(x)
