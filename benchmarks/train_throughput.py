@@ -12,12 +12,12 @@ betas (0.9, 0.95), weight decay 1e-2 on ≥2-D tensors, TF32 allowed, one fixed 
 
 Rows per mode: nanoGPT's model + its fused AdamW + bench.py's step (the anchor, from .anchors/nanogpt,
 karpathy/nanoGPT @ 3adf61e1); rayexp's GPT with torch's fused AdamW and the same step (``model.loss``
-chunked, the default, and full in mode b); rayexp's GPT with ``rayexp.optim`` adamw (the zoo optimizer,
+full, the default, and chunked in mode b); rayexp's GPT with ``rayexp.optim`` adamw (the zoo optimizer,
 fused and per-tensor reference); and ``rayexp.train.loop.run_training`` itself (data sampling, grad
 clipping, grad-norm logging, zoo adamw; tokens/s from its own last log windows; GPT-2 vocab 50257 from a
 synthetic BPE, padded to 50304 by model.vocab_multiple as nanoGPT does), first with the defaults, then one
 row per option: mode a adds the precise fp32 mode (attention sdpa: the memory-efficient fp32 kernel),
-mode b optimizer.fused=false, model.loss=full and each ``--sdpa`` backend, mode c model.loss=full.
+mode b optimizer.fused=false, model.loss=chunked and each ``--sdpa`` backend, mode c model.loss=chunked.
 
 tokens/s = 12·1024·steps / wall time of the timed window (median of ``--windows`` windows of
 ``--steps`` steps after ``--warmup`` steps). MFU = (6N + 12·L·H·Q·T)·tokens/s / peak (nanoGPT's
@@ -78,7 +78,7 @@ def nanogpt_model(ng, sz: dict, attention: str, dev):
     return model.to(dev)
 
 
-def rayexp_model(sz: dict, attention: str, dev, vocab: int | None = None, loss: str = "chunked") -> GPT:
+def rayexp_model(sz: dict, attention: str, dev, vocab: int | None = None, loss: str = "full") -> GPT:
     cfg = GPTConfig(vocab_size=vocab or sz["vocab"], block_size=sz["block"], n_layer=sz["n_layer"], n_head=sz["n_head"],
                     n_embd=sz["n_embd"], dropout=0.0, bias=False, attention=attention, loss=loss)
     return GPT(cfg).to(dev)
@@ -198,15 +198,15 @@ def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X,
 
 def loop_variants(key: str, mode: dict, args) -> list[tuple[str, dict]]:
     """(row name, overrides of the Experiment's model/optimizer sections) of the run_training rows."""
-    rows = [("rayexp run_training (defaults: fused auto, loss chunked, sdpa auto)", {})]
+    rows = [("rayexp run_training (defaults: fused auto, loss full, sdpa auto)", {})]
     if key == "a":
         rows.append(("run_training, precise fp32: attention sdpa (efficient)", {"model": {"attention": "sdpa"}}))
     if key == "b":
         rows += [("run_training, optimizer.fused=false", {"optimizer": {"fused": False}}),
-                 ("run_training, model.loss=full", {"model": {"loss": "full"}})]
+                 ("run_training, model.loss=chunked", {"model": {"loss": "chunked"}})]
         rows += [(f"run_training, sdpa_backend={b}", {"model": {"sdpa_backend": b}}) for b in args.sdpa.split(",") if b]
     if key == "c":
-        rows.append(("run_training, model.loss=full", {"model": {"loss": "full"}}))
+        rows.append(("run_training, model.loss=chunked", {"model": {"loss": "chunked"}}))
     return rows
 
 
@@ -326,8 +326,8 @@ def main(argv=None) -> list[dict]:
         specs.append(("rayexp GPT + torch fused AdamW", lambda: rayexp_model(sz, mode["attention"], dev),
                       lambda m: fused_adamw(m, dev)))
         if key == "b":
-            specs.append(("rayexp GPT loss=full + torch fused AdamW",
-                          lambda: rayexp_model(sz, mode["attention"], dev, loss="full"), lambda m: fused_adamw(m, dev)))
+            specs.append(("rayexp GPT loss=chunked + torch fused AdamW",
+                          lambda: rayexp_model(sz, mode["attention"], dev, loss="chunked"), lambda m: fused_adamw(m, dev)))
         if not args.no_zoo and key != "a0":  # a0 only contrasts TF32 on/off
             specs.append(("rayexp GPT + zoo adamw, fused step", lambda: rayexp_model(sz, mode["attention"], dev),
                           lambda m: zoo_adamw(m, fused=True)))
