@@ -17,7 +17,8 @@ OPTIMIZERS = ("sgd", "signum", "adam", "adamw", "mada")
 PRESETS = ("gpt2-tiny", "gpt2-mini", "gpt2-124m", "gpt2-350m")  # sizes: rayexp.models.gpt2.PRESETS
 GRANULARITIES = ("coordinate", "row", "column", "tensor", "global")  # adam/adamw second moment shared over
 ROTATIONS = ("none", "per_tensor", "global", "eigenbasis", "randperm")
-ROTATION_SCOPES = ("both", "output", "input")  # per_tensor/eigenbasis: U W Vᵀ, U W, or W Vᵀ
+ROTATION_SCOPES = ("both", "output", "input")
+ROTATION_INITS = ("native", "rotated")  # rotation.init: θ₀ as built, or θ₀ = Rᵀ θ_init (seed 000: φ₀ = θ_init)  # per_tensor/eigenbasis: U W Vᵀ, U W, or W Vᵀ
 DECAY_SCOPES = ("matrices", "all")  # optimizer.decay: tensors with >= 2 dims (nanoGPT), or every parameter
 DEVICES = ("auto", "cpu", "cuda")
 DATA_TASKS = ("bfs", "dfs")  # data.corpus task:NAME (rayexp.data.tasks)
@@ -237,7 +238,9 @@ class RotationConfig(_Strict):
     ``scope`` (per_tensor, eigenbasis): ``both`` sides, only the ``output`` side (U W: vectors too) or
     only the ``input`` side (W Vᵀ: vectors unrotated). ``randperm`` (seed 000): the parameters in
     ``named_parameters`` order form two groups, c_proj weights and the rest; each group gets ``rounds``
-    rounds of a random permutation then a three-factor rotation (``factors``).
+    rounds of a random permutation then a three-factor rotation (``factors``). ``init: rotated`` starts
+    from θ₀ = Rᵀ θ_init, so the optimizer's coordinates start at φ₀ = R θ₀ = θ_init, as seed 000 trains
+    φ from the usual initialization with θ = Rᵀ φ (not for eigenbasis).
     """
 
     @field_validator("factors")
@@ -249,6 +252,7 @@ class RotationConfig(_Strict):
     kind: Literal[ROTATIONS] = "none"
     seed: int = 0
     scope: Literal[ROTATION_SCOPES] = "both"  # type: ignore[valid-type]
+    init: Literal[ROTATION_INITS] = "native"  # type: ignore[valid-type]
     rounds: int = Field(2, ge=1)  # randperm: k rounds of permutation + rotation (seed 000's randperm_2)
     # randperm: three factors per group (all but c_proj weights, then c_proj weights) whose product is the
     # group's size, e.g. seed 000's [[883, 139, 725], [256, 256, 540]]; None: chosen near the cube root

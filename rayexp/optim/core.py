@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from rayexp.config import RotationConfig
+from rayexp.config import ConfigError, RotationConfig
 from rayexp.optim.rotation import Rotation
 
 
@@ -87,9 +87,22 @@ class ZooOptimizer(torch.optim.Optimizer):
         self.params_flat = [p for _, p in named]
         self.index = {id(p): i for i, p in enumerate(self.params_flat)}
         self.rotation = Rotation(self.params_flat, rotation_cfg or RotationConfig(), [n for n, _ in named])
+        if (rotation_cfg or RotationConfig()).init == "rotated":
+            self._rotate_init()
         self.extra: dict = {"t": 0}
         if family.init_extra is not None:
             self.extra.update(family.init_extra(settings or {}))
+
+    @torch.no_grad()
+    def _rotate_init(self) -> None:
+        """θ ← Rᵀ θ (``rotation.init: rotated``): the optimizer's coordinates φ = R θ start at the built θ."""
+        if self.rotation.kind == "eigenbasis":
+            raise ConfigError("rotation.init: 'rotated' needs a fixed rotation; allowed with per_tensor, global, "
+                              "randperm (eigenbasis has no basis before the first gradient)")
+        flat = torch.cat([p.reshape(-1) for p in self.params_flat])
+        out = self.rotation.apply_flat(flat, inverse=True)
+        for p, x in zip(self.params_flat, self.rotation._split(out, self.rotation.shapes)):
+            p.copy_(x)
 
     # ------------------------------------------------------------------------------------------
     def _items(self) -> list[Item]:
