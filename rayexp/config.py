@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 OPTIMIZERS = ("sgd", "signum", "adam", "adamw", "mada")
 PRESETS = ("gpt2-tiny", "gpt2-mini", "gpt2-124m", "gpt2-350m")  # sizes: rayexp.models.gpt2.PRESETS
 GRANULARITIES = ("coordinate", "row", "column", "tensor", "global")  # adam/adamw second moment shared over
-ROTATIONS = ("none", "per_tensor", "global", "eigenbasis")
+ROTATIONS = ("none", "per_tensor", "global", "eigenbasis", "randperm")
+ROTATION_SCOPES = ("both", "output", "input")
+ROTATION_INITS = ("native", "rotated")  # rotation.init: θ₀ as built, or θ₀ = Rᵀ θ_init (seed 000: φ₀ = θ_init)  # per_tensor/eigenbasis: U W Vᵀ, U W, or W Vᵀ
+DECAY_SCOPES = ("matrices", "all")  # optimizer.decay: tensors with >= 2 dims (nanoGPT), or every parameter
 DEVICES = ("auto", "cpu", "cuda")
 DATA_TASKS = ("bfs", "dfs")  # data.corpus task:NAME (rayexp.data.tasks)
 CORPORA = ("builtin", "text:PATH", "parquet:PATH", "hf:NAME[:CONFIG]") + tuple(f"task:{t}" for t in DATA_TASKS)
@@ -24,6 +27,11 @@ HESSIAN_TASKS = ("top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobe
                  "grad_heterogeneity")
 METRICS = ("val_loss", "train_loss")  # what a sweep can optimize
 MADA_COEFS = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
+# seed 004's behaviours that optimizer.mada.seed_quirks can switch on (docs/methods.md, "MADA, seed 004"):
+# g_prev_zero: g_prev is always 0; first_micro_batch: the hypergradient comes from the first micro-batch of
+# the next step (its loss / grad_accum); two_micro_batch_start: the first step accumulates 2 micro-batches;
+# double_coef_step: the coefficients take a second momentum step with a zero hypergradient every step
+SEED004_QUIRKS = ("g_prev_zero", "first_micro_batch", "two_micro_batch_start", "double_coef_step")
 MADA_RANGES = {"beta1": (0.01, 0.99), "beta2": (0.501, 0.99), "beta3": (0.0, 0.99), "rho": (0.0, 1.0),
                "c": (0.0, 1.0), "gamma": (0.0, 1.0)}  # each coefficient is clamped to its range
 
@@ -95,6 +103,40 @@ class TrainConfig(_Strict):
     log_block_grad_norms: bool = True
 
 
+SEED004_HYPER_LR = {"beta1": 5e-4, "beta2": 5e-4, "beta3": 1e-1, "rho": 1e-1, "c": 1e-1, "gamma": 1e-1}
+_SEED004 = {  # amazon-science/mada_optimizer_search @2beded8: train_ddp.py:278-279, :373, :396-398;
+    "name": "mada", "lr": 6e-4, "weight_decay": 0.1, "decay": "matrices",  # config/train_gpt2_small.py
+    "hypergrad_clip": 10.0, "hypergrad_delay": 50,  # hypergrad_init_iter = 50 * gradient_accumulation_steps
+    "mada": {"beta1": 0.9, "beta2": 0.95, "beta3": 0.0, "rho": 0.6, "c": 1.0, "gamma": 1.0, "eps": 1e-6,  # README
+             "hyper_lr": SEED004_HYPER_LR, "hyper_momentum": 0.0}}
+# A preset sets defaults of the optimizer section; fields given explicitly win (a ``mada`` mapping merges
+# key by key). docs/methods.md, "Presets", cites each value.
+OPTIMIZER_PRESETS: dict[str, dict] = {
+    # mohamad-amin/adam-coordinate-adaptivity @1f2e323: configs/gpt2_*train.yml; src/model/model.py:330-337
+    # builds torch.optim.AdamW(all parameters) without weight_decay, so torch's default 0.01 decays every one
+    "adamw_seed000": {"name": "adamw", "lr": 1.8e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.01,
+                      "decay": "all"},
+    "mada_seed004": _SEED004,
+    # the first commit 97c703a: train_ddp.py:312-313 and config/train_gpt2_small.py (delay 200 steps)
+    "mada_seed004_v0": {**_SEED004, "hypergrad_delay": 200, "mada": {
+        **_SEED004["mada"], "hyper_lr": {"beta1": 1e-3, "beta2": 1e-3, "beta3": 1e-2, "rho": 1e-2, "c": 1e-2,
+                                         "gamma": 0.0},
+        "hyper_momentum": {"c": 0.5, "gamma": 0.9}}},
+    "mada_seed004_compat": {**_SEED004, "mada": {**_SEED004["mada"], "seed_quirks": list(SEED004_QUIRKS)}},
+}
+
+
+def apply_preset(raw: Any) -> Any:
+    """``raw`` (an optimizer mapping) with the defaults of its ``preset`` filled in; explicit keys win."""
+    name = raw.get("preset") if isinstance(raw, dict) else None
+    if not isinstance(name, str) or name not in OPTIMIZER_PRESETS:
+        return raw  # no preset, or one the field's validation names as not allowed
+    out = {**OPTIMIZER_PRESETS[name], **raw}
+    if isinstance(raw.get("mada"), dict) and "mada" in OPTIMIZER_PRESETS[name]:
+        out["mada"] = {**OPTIMIZER_PRESETS[name]["mada"], **raw["mada"]}
+    return out
+
+
 def _coef(name: str, default: float):
     """A MADA coefficient field bounded by its MADA_RANGES entry."""
     lo, hi = MADA_RANGES[name]
@@ -106,6 +148,7 @@ class MadaConfig(_Strict):
 
     ``hyper_lr`` / ``hyper_momentum``: one number for all six coefficients, or a mapping from coefficient
     name to value (missing names get 0, i.e. the coefficient stays fixed / no momentum).
+    ``seed_quirks``: seed 004 behaviours to reproduce (SEED004_QUIRKS; the mada_seed004_compat preset sets all).
     """
     beta1: float = _coef("beta1", 0.9)
     beta2: float = _coef("beta2", 0.95)
@@ -114,10 +157,10 @@ class MadaConfig(_Strict):
     c: float = _coef("c", 1.0)
     gamma: float = _coef("gamma", 1.0)
     eps: float = Field(1e-6, gt=0.0)  # the seed's value; optimizer.eps is not used by mada
-    hyper_lr: Union[float, dict[str, float]] = Field(
-        default_factory=lambda: {"beta1": 1e-3, "beta2": 1e-3, "beta3": 1e-2, "rho": 1e-2, "c": 1e-2,
-                                 "gamma": 0.0})
-    hyper_momentum: Union[float, dict[str, float]] = Field(default_factory=lambda: {"c": 0.5})
+    # seed 004's current train_ddp.py (:279): β1, β2 5e-4; β3, ρ, c, γ 1e-1; no momentum
+    hyper_lr: Union[float, dict[str, float]] = Field(default_factory=lambda: dict(SEED004_HYPER_LR))
+    hyper_momentum: Union[float, dict[str, float]] = 0.0
+    seed_quirks: list[Literal[SEED004_QUIRKS]] = Field(default_factory=list)  # type: ignore[valid-type]
 
     @field_validator("hyper_lr", "hyper_momentum")
     @classmethod
@@ -145,13 +188,18 @@ class OptimizerConfig(_Strict):
     ``weight_decay``: coupled (L2 added to the gradient) for sgd/adam, decoupled (θ ← θ(1−lr·wd)) for
     signum/adamw/mada; applied to tensors with ≥ 2 dims only (nanoGPT's grouping).
     ``granularity`` / ``freeze_v_after``: adam/adamw second moment shared over coordinate | row | column |
-    tensor | global, and frozen after K steps.
+    tensor | global, and frozen after K steps. ``decay``: weight decay on ``matrices`` (≥ 2 dims) or ``all``.
+    ``preset``: defaults from OPTIMIZER_PRESETS (explicit fields win). ``hypergrad_clip`` / ``hypergrad_delay``
+    (mada): each coefficient's hypergradient clipped to |h| ≤ clip (None: off); the hypergradients of the
+    first ``hypergrad_delay`` steps are dropped (the coefficients stay put until step delay + 2).
     """
+    preset: Optional[Literal[tuple(OPTIMIZER_PRESETS)]] = None  # type: ignore[valid-type]
     name: Literal[OPTIMIZERS] = "adamw"
     lr: float = Field(1e-3, gt=0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    decay: Literal[DECAY_SCOPES] = "matrices"  # type: ignore[valid-type]
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     granularity: Literal[GRANULARITIES] = "coordinate"
@@ -159,6 +207,13 @@ class OptimizerConfig(_Strict):
     # one compiled multi-tensor step per family (rayexp.optim.fused); auto: on for CUDA parameters
     fused: Union[Literal["auto"], bool] = "auto"
     mada: MadaConfig = Field(default_factory=MadaConfig)
+    hypergrad_clip: Optional[float] = Field(10.0, gt=0.0)  # seed 004 train_ddp.py:373
+    hypergrad_delay: int = Field(0, ge=0)  # seed 004 train_ddp.py:32 (0); its GPT-2 configs: 50
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return apply_preset(data)
 
     @field_validator("betas")
     @classmethod
@@ -180,9 +235,28 @@ class RotationConfig(_Strict):
 
     ``max_dim``: per_tensor/eigenbasis leave a matrix side longer than this unrotated (identity), so
     e.g. a 50k-row embedding gets only its column rotation; ``global`` refuses models over 20k params.
+    ``scope`` (per_tensor, eigenbasis): ``both`` sides, only the ``output`` side (U W: vectors too) or
+    only the ``input`` side (W Vᵀ: vectors unrotated). ``randperm`` (seed 000): the parameters in
+    ``named_parameters`` order form two groups, c_proj weights and the rest; each group gets ``rounds``
+    rounds of a random permutation then a three-factor rotation (``factors``). ``init: rotated`` starts
+    from θ₀ = Rᵀ θ_init, so the optimizer's coordinates start at φ₀ = R θ₀ = θ_init, as seed 000 trains
+    φ from the usual initialization with θ = Rᵀ φ (not for eigenbasis).
     """
+
+    @field_validator("factors")
+    @classmethod
+    def _factors(cls, v: Optional[list[list[int]]]) -> Optional[list[list[int]]]:
+        if v is not None and (not 1 <= len(v) <= 2 or any(len(f) != 3 or min(f) < 1 for f in v)):
+            raise ValueError(f"give one or two lists of three positive integers (one per group); got {v}")
+        return v
     kind: Literal[ROTATIONS] = "none"
     seed: int = 0
+    scope: Literal[ROTATION_SCOPES] = "both"  # type: ignore[valid-type]
+    init: Literal[ROTATION_INITS] = "native"  # type: ignore[valid-type]
+    rounds: int = Field(2, ge=1)  # randperm: k rounds of permutation + rotation (seed 000's randperm_2)
+    # randperm: three factors per group (all but c_proj weights, then c_proj weights) whose product is the
+    # group's size, e.g. seed 000's [[883, 139, 725], [256, 256, 540]]; None: chosen near the cube root
+    factors: Optional[list[list[int]]] = None
     update_every: int = Field(10, ge=1)  # eigenbasis refresh period
     ema: float = Field(0.95, ge=0.0, lt=1.0)  # eigenbasis statistics EMA
     max_dim: int = Field(8192, ge=1)
@@ -330,6 +404,10 @@ class Experiment(_Strict):
         m = self.model
         if m.kind == "gpt2" and m.preset is None and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
             raise ValueError("model: give a preset or all of n_layer, n_head, n_embd, block_size")
+        if self.optimizer.name == "mada" and self.optimizer.mada.seed_quirks and self.train.grad_accum < 2:
+            raise ValueError("optimizer.mada.seed_quirks: seed 004 has no grad_accum=1 run to reproduce (it steps "
+                             "the coefficients twice and crashes: train_ddp.py:376, gdtuo.py:294); set "
+                             "train.grad_accum >= 2 or drop the quirks (optimizer.mada.seed_quirks=[])")
         if self.train.warmup > self.train.steps:  # clamped, not refused (SweepSpec.notes says so)
             self.train.warmup = self.train.steps
         return self

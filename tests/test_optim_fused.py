@@ -73,7 +73,11 @@ CASES = ([dict(name="sgd", momentum=m, nesterov=n, weight_decay=wd) for m, n in 
          + [dict(name=n, granularity=g, freeze_v_after=f, weight_decay=0.1)
             for n in ("adam", "adamw") for g in ("coordinate", "row", "column", "tensor", "global") for f in (None, 3)]
          + [dict(name="mada", weight_decay=0.1,
-                 mada=dict(beta3=0.3, rho=0.5, c=0.5, gamma=0.7, hyper_lr=0.05, hyper_momentum=0.5))])
+                 mada=dict(beta3=0.3, rho=0.5, c=0.5, gamma=0.7, hyper_lr=0.05, hyper_momentum=0.5))]
+         + [dict(name="adamw", weight_decay=0.1, decay="all"),
+            dict(name="mada", weight_decay=0.1, decay="all", hypergrad_delay=2, hypergrad_clip=1e-3,
+                 mada=dict(beta3=0.3, rho=0.5, c=0.5, gamma=0.7, hyper_lr=0.05, hyper_momentum=0.5,
+                           seed_quirks=["g_prev_zero", "double_coef_step"]))])
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for k, v in c.items() if k != "mada"))
@@ -87,14 +91,16 @@ def test_fused_step_equals_reference(case, eager_kernels):
         assert_fused_equals_reference(cfg, RotationConfig(), shapes, skip=rng.randrange(len(shapes)))
 
 
-@pytest.mark.parametrize("kind", ["per_tensor", "eigenbasis", "global"])
+@pytest.mark.parametrize("kind", ["per_tensor", "eigenbasis", "global", "randperm", "per_tensor:output",
+                                  "eigenbasis:input"])
 @pytest.mark.parametrize("case", [dict(name="adamw", granularity="row"), dict(name="sgd", momentum=0.9),
-                                  dict(name="mada")], ids=lambda c: c["name"])
+                                  dict(name="mada"), dict(name="adamw", decay="all")], ids=lambda c: c["name"])
 def test_fused_step_under_rotations_equals_reference(kind, case, eager_kernels):
     """Rotated bases: the fused kernel gives the directions, the optimizer un-rotates and applies them."""
-    rot = RotationConfig(kind=kind, update_every=2, max_dim=5)
+    kind, _, scope = kind.partition(":")
+    rot = RotationConfig(kind=kind, scope=scope or "both", update_every=2, max_dim=5)
     assert_fused_equals_reference(OptimizerConfig(lr=1e-2, weight_decay=0.1, **case), rot,
-                                  [(4, 3), (3,), (6, 2), ()], skip=1 if kind != "global" else None)
+                                  [(4, 3), (3,), (6, 2), ()], skip=1 if kind not in ("global", "randperm") else None)
 
 
 def test_fused_float64(eager_kernels):

@@ -39,10 +39,13 @@ def train(model, opt, steps):
 
 
 def numpy_mada(model, steps, lr, k, eps, wd=0.0):
-    """ALGORITHMS.md's MADA update, transcribed in numpy (float64), gradients from torch autograd."""
+    """ALGORITHMS.md's MADA update, transcribed in numpy (float64), gradients from torch autograd; the seed's
+    start (gdtuo.py:320-328): v = v̄ = 1e-15, n = g² at the first step."""
     params = [p.detach().numpy().copy() for p in model.parameters()]
     z = [np.zeros_like(p) for p in params]
     m, v, vbar, n, gp, ml = ([a.copy() for a in z] for _ in range(6))
+    for a in v + vbar:
+        a += 1e-15
     b1, b2, b3, rho, c, gam = (k[x] for x in MADA_COEFS)
     for t in range(1, steps + 1):
         with torch.no_grad():
@@ -52,6 +55,8 @@ def numpy_mada(model, steps, lr, k, eps, wd=0.0):
         loss_at(model, t - 1).backward()
         gs = [p.grad.numpy().copy() for p in model.parameters()]
         for i, g in enumerate(gs):
+            if t == 1:
+                n[i] = g * g
             gh = g + b3 * (g - gp[i])
             s = c * gh ** 2 + (1 - c) * (v[i] + gh ** 2 * np.sign(gh ** 2 - v[i]))
             m[i] = b1 * m[i] + (1 - b1) * g
@@ -70,12 +75,13 @@ def numpy_mada(model, steps, lr, k, eps, wd=0.0):
 
 
 def test_adam_corner_equals_torch_adam():
-    """β3 = 0, c = 1, ρ = 1, γ = 1 with hyper-lr 0 is torch.optim.Adam(eps outside the sqrt)."""
+    """β3 = 0, c = 1, ρ = 1, γ = 1 with hyper-lr 0 is torch.optim.Adam(eps outside the sqrt), up to v's start
+    at 1e-15 (the seed's; it moves θ by ~1e-10 here, so 1e-9 rather than bitwise)."""
     cfg = mada_cfg(lr=0.02, beta1=0.85, beta2=0.97, beta3=0.0, rho=1.0, c=1.0, gamma=1.0)
     ours = train(m := net(), build_optimizer(m, cfg), 12)
     ref = train(m := net(), torch.optim.Adam(m.parameters(), lr=0.02, betas=(0.85, 0.97), eps=cfg.mada.eps), 12)
     for a, b in zip(ours, ref):
-        assert (a - b).abs().max() < 1e-12
+        assert (a - b).abs().max() < 1e-9
 
 
 @pytest.mark.parametrize("coefs", [
@@ -91,9 +97,14 @@ def test_fixed_coefficients_match_closed_form(coefs):
         np.testing.assert_allclose(a.numpy(), b, atol=1e-12)
 
 
-def test_hypergradient_matches_finite_difference_of_next_step_loss():
-    """h_k (computed inside step t+1 from g_{t+1}) == d L(θ_t(k)) / dk by central differences, 1e-3 relative."""
-    coefs = dict(beta1=0.85, beta2=0.9, beta3=0.2, rho=0.7, c=0.6, gamma=0.7)
+@pytest.mark.parametrize("rho, names", [
+    (1.0, ("beta1", "beta2", "beta3", "c", "gamma")),  # ρ = 1: the detached v̄ has no weight in v̂
+    (0.7, ("beta1", "rho", "gamma")),  # these do not reach v̄, so its detachment does not matter
+])
+def test_hypergradient_matches_finite_difference_of_next_step_loss(rho, names):
+    """h_k (computed inside step t+1 from g_{t+1}) == d L(θ_t(k)) / dk by central differences, 1e-3 relative.
+    v̄ enters v̂ detached (as in the seed), so h is the full derivative for β2, β3, c only where ρ = 1."""
+    coefs = dict(beta1=0.85, beta2=0.9, beta3=0.2, rho=rho, c=0.6, gamma=0.7)
     cfg = mada_cfg(lr=0.05, wd=0.05, **coefs)
     model = net()
     opt = build_optimizer(model, cfg)
@@ -117,8 +128,8 @@ def test_hypergradient_matches_finite_difference_of_next_step_loss():
         with torch.no_grad():
             return loss_at(model, 4).item()
 
-    for j, name in enumerate(MADA_COEFS):
-        e = 1e-6
+    for name in names:
+        j, e = MADA_COEFS.index(name), 1e-6
         fd = (next_loss(name, coefs[name] + e) - next_loss(name, coefs[name] - e)) / (2 * e)
         assert abs(h[j].item() - fd) <= 1e-3 * abs(fd) + 1e-9, (name, h[j].item(), fd)
         assert abs(fd) > 1e-7, name  # every coefficient matters at this point
@@ -153,8 +164,9 @@ def test_hyper_step_is_sgd_with_momentum_and_coefficients_stay_in_range():
 
 
 def test_hypergradient_in_rotated_basis_matches_finite_difference():
-    """With a per-tensor rotation the hypergradient uses ⟨R g, ∂d/∂k⟩; still equal to the FD derivative."""
-    coefs = dict(beta1=0.85, beta2=0.9, beta3=0.2, rho=0.7, c=0.6, gamma=0.7)
+    """With a per-tensor rotation the hypergradient uses ⟨R g, ∂d/∂k⟩; still equal to the FD derivative
+    (ρ = 1, see above)."""
+    coefs = dict(beta1=0.85, beta2=0.9, beta3=0.2, rho=1.0, c=0.6, gamma=0.7)
     cfg, rot = mada_cfg(lr=0.05, **coefs), RotationConfig(kind="per_tensor", seed=2)
     model = net()
     opt = build_optimizer(model, cfg, rot)

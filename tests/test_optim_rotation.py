@@ -1,5 +1,8 @@
 """Rotations: orthogonality, reproducibility, SGD invariance, and Adam in a rotated basis against torch Adam
 on the rotated-loss problem (an independent construction of the same optimizer)."""
+import math
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -7,17 +10,17 @@ import torch.nn.functional as F
 
 from rayexp.config import ConfigError, OptimizerConfig, RotationConfig
 from rayexp.optim import build_optimizer, haar_orthogonal, rotation_memory
-from rayexp.optim.rotation import seeded_generator
+from rayexp.optim.rotation import seeded_generator, three_factors, training_rotation
 
 
 class Net(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.fc1, self.c_proj = nn.Linear(6, 8), nn.Linear(8, 3)  # c_proj: randperm's second group
 
     def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
+        return self.c_proj(torch.tanh(self.fc1(x)))
 
 
 DATA = torch.Generator().manual_seed(7)
@@ -62,21 +65,35 @@ def test_optimizer_rotations_orthogonal_and_seeded():
         assert not torch.allclose(u, u3)
 
 
-@pytest.mark.parametrize("kind", ["per_tensor", "global", "eigenbasis"])
+KINDS = [("per_tensor", "both"), ("global", "both"), ("eigenbasis", "both"), ("randperm", "both"),
+         ("per_tensor", "output"), ("per_tensor", "input"), ("eigenbasis", "output"), ("eigenbasis", "input")]
+
+
+@pytest.mark.parametrize("kind, scope", KINDS)
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_rotated_sgd_is_sgd(kind, nesterov):
+def test_rotated_sgd_is_sgd(kind, scope, nesterov):
     cfg = OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
     plain = train(m := Net(), build_optimizer(m, cfg, RotationConfig()))
-    rotated = train(m := Net(), build_optimizer(m, cfg, RotationConfig(kind=kind, update_every=3)))
+    rotated = train(m := Net(), build_optimizer(m, cfg, RotationConfig(kind=kind, scope=scope, update_every=3)))
     assert (plain - rotated).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["per_tensor", "global", "eigenbasis"])
-def test_rotated_adam_differs(kind):
+@pytest.mark.parametrize("kind, scope", KINDS)
+def test_rotated_adam_differs(kind, scope):
     cfg = OptimizerConfig(name="adam", lr=1e-2)
     plain = train(m := Net(), build_optimizer(m, cfg, RotationConfig()))
-    rotated = train(m := Net(), build_optimizer(m, cfg, RotationConfig(kind=kind)))
+    rotated = train(m := Net(), build_optimizer(m, cfg, RotationConfig(kind=kind, scope=scope)))
     assert (plain - rotated).abs().max() > 1e-3
+
+
+def test_one_sided_scopes_keep_one_side():
+    """scope output: U only (vectors rotated); input: V only (vectors not); memory counts what is held."""
+    for scope, has_u, has_v, vec_u in (("output", True, False, True), ("input", False, True, False)):
+        opt = build_optimizer(Net(), OptimizerConfig(name="adam"), RotationConfig(kind="per_tensor", scope=scope))
+        (u_w, v_w), (u_b, v_b) = opt.rotation.mats[0], opt.rotation.mats[1]  # fc1.weight, fc1.bias
+        assert (u_w is not None, v_w is not None, u_b is not None, v_b) == (has_u, has_v, vec_u, None)
+        held = sum(m.numel() * 4 for pair in opt.rotation.mats for m in pair if m is not None)
+        assert opt.rotation_memory_bytes() == held
 
 
 def test_per_tensor_adam_equals_torch_adam_on_rotated_loss():
@@ -138,3 +155,155 @@ def test_max_dim_leaves_long_sides_unrotated_and_sgd_still_invariant():
     opt = build_optimizer(m := Net(), cfg, RotationConfig(kind="per_tensor", max_dim=6))
     assert opt.rotation.mats[0][0] is None and opt.rotation.mats[0][1] is not None  # fc1.weight 8×6
     assert (plain - train(m, opt)).abs().max() < 1e-5
+
+
+# --- randperm: seed 000's rotations.py, transcribed in numpy ------------------------------------------------
+def seed_forward(x, perms, qs):
+    """rotations.py forward_impl + _apply_rotators (@1f2e323, :102-122): per round x ← x[perm], then
+    einsum('ip,pqr,jq,kr->ijk', Q1, x.reshape(a, b, c), Q2, Q3) (the first a·b·c entries, see three_factors)."""
+    for perm, (q1, q2, q3) in zip(perms, qs):
+        x = x[perm]
+        a, b, c = len(q1), len(q2), len(q3)
+        head = np.einsum("ip,pqr,jq,kr->ijk", q1, x[:a * b * c].reshape(a, b, c), q2, q3).reshape(-1)
+        x = np.concatenate([head, x[a * b * c:]])
+    return x
+
+
+def seed_backward(x, perms, qs):
+    """rotations.py backward_impl (:125-132): rounds in reverse, the transposed factors, then [inverse_perm]."""
+    for perm, (q1, q2, q3) in zip(reversed(perms), reversed(qs)):
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(len(perm))
+        a, b, c = len(q1), len(q2), len(q3)
+        head = np.einsum("ip,pqr,jq,kr->ijk", q1.T, x[:a * b * c].reshape(a, b, c), q2.T, q3.T).reshape(-1)
+        x = np.concatenate([head, x[a * b * c:]])[inv]
+    return x
+
+
+def seed_groups(model):
+    """rotations.py _make_vecs (:768-777): names ending in c_proj.weight form vec_2, all others vec_1."""
+    named = list(model.named_parameters())
+    return [[i for i, (n, _) in enumerate(named) if not n.endswith("c_proj.weight")],
+            [i for i, (n, _) in enumerate(named) if n.endswith("c_proj.weight")]]
+
+
+def tiny_gpt():
+    from rayexp.config import ModelConfig
+    from rayexp.models import build
+    torch.manual_seed(0)
+    return build(ModelConfig(preset=None, n_layer=1, n_head=1, n_embd=4, block_size=4, bias=False), 10).double()
+
+
+def flat_parts(v, model):
+    sizes = [p.numel() for p in model.parameters()]
+    return np.split(v, np.cumsum(sizes)[:-1])
+
+
+@pytest.mark.parametrize("factors", [None, [[4, 9, 11], [2, 5, 8]]])
+def test_randperm_matches_numpy_transcription_of_seed000(factors):
+    """R = Fᵀ (gradient → optimizer basis) and Rᵀ = F, with F the seed's forward map of each group, over
+    the flat vector in named_parameters order; orthogonal to 1e-12 as a dense matrix."""
+    model = tiny_gpt()
+    ft = training_rotation(model, RotationConfig(kind="randperm", rounds=2, seed=3, factors=factors), dtype=torch.float64)
+    rps = ft.rotation.randperms
+    v = np.random.default_rng(0).standard_normal(ft.d)
+    parts = flat_parts(v, model)
+    fwd, bwd = [p.copy() for p in parts], [p.copy() for p in parts]
+    for gi, (group, rp) in enumerate(zip(seed_groups(model), rps)):
+        perms = [p.long().numpy() for p in rp.perms]
+        qs = [[q.numpy() for q in round_qs] for round_qs in rp.qs]
+        if factors is not None:
+            assert [len(q) for q in qs[0]] == factors[gi]
+        vec = np.concatenate([parts[i] for i in group])
+        for out, mapped in ((fwd, seed_forward(vec, perms, qs)), (bwd, seed_backward(vec, perms, qs))):
+            for i, x in zip(group, np.split(mapped, np.cumsum([parts[i].size for i in group])[:-1])):
+                out[i] = x
+    vt = torch.from_numpy(v)
+    np.testing.assert_allclose(ft.apply(vt).numpy(), np.concatenate(bwd), atol=1e-12)
+    np.testing.assert_allclose(ft.apply_t(vt).numpy(), np.concatenate(fwd), atol=1e-12)
+    dense = ft.apply(torch.eye(ft.d, dtype=torch.float64)).T  # column j = R e_j
+    assert (dense @ dense.T - torch.eye(ft.d, dtype=torch.float64)).abs().max() < 1e-12
+    assert (dense - torch.eye(ft.d, dtype=torch.float64)).abs().max() > 0.1  # it does rotate
+    assert len({int(p.numel()) for p in rps[0].perms}) == 1 and not torch.equal(rps[0].perms[0], rps[0].perms[1])
+
+
+def test_randperm_factors_checked_and_fallback_orthogonal():
+    with pytest.raises(ConfigError, match=r"rotation\.factors.*group sizes here are \[59, 24\]"):
+        build_optimizer(Net(), OptimizerConfig(name="adam"), RotationConfig(kind="randperm", factors=[[2, 3, 4]]))
+    assert three_factors(59) == (3, 3, 6) and three_factors(24) == (2, 3, 4)  # 59 is prime: a 54-entry prefix
+    assert three_factors(88_984_325) == (139, 725, 883)  # seed 000: its [883, 139, 725] (rotations.py:156)
+    assert three_factors(35_389_440) == (240, 384, 384)  # its c_proj group: [256, 256, 540] via rotation.factors
+    ft = training_rotation(Net().double(), RotationConfig(kind="randperm", rounds=1), dtype=torch.float64)
+    dense = ft.apply(torch.eye(ft.d, dtype=torch.float64))
+    assert (dense @ dense.T - torch.eye(ft.d, dtype=torch.float64)).abs().max() < 1e-12
+
+
+def test_randperm_adamw_is_seed000_rotated_training():
+    """seed 000 (rotated_train_engine.py:146-178) trains φ with torch AdamW(weight decay 0.01 on every
+    parameter) on L(F φ), φ₀ = the usual init. rayexp: adamw_seed000 preset + randperm + init rotated;
+    its θ equals F φ of that reference run to 1e-10 (fp64)."""
+    model = tiny_gpt()
+    cfg = OptimizerConfig(preset="adamw_seed000", lr=1e-2)
+    assert (cfg.name, cfg.weight_decay, cfg.decay, cfg.betas) == ("adamw", 0.01, "all", (0.9, 0.95))
+    phi0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    rot_cfg = RotationConfig(kind="randperm", rounds=2, seed=1, init="rotated")
+    opt = build_optimizer(model, cfg, rot_cfg)
+    ft = training_rotation(model, rot_cfg, dtype=torch.float64)
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(ft.apply(theta0), phi0, atol=1e-12)  # φ₀ = R θ₀ = the built init
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    phi = nn.Parameter(phi0.clone())
+    ref = torch.optim.AdamW([phi], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
+    idx = torch.randint(0, 10, (20, 3, 4), generator=torch.Generator().manual_seed(5))
+    for t in range(20):
+        opt.zero_grad()
+        model(idx[t], idx[t])[1].backward()
+        opt.step()
+        ref.zero_grad()
+        theta = ft.apply_t(phi)  # F φ, differentiable
+        parts = dict(zip(names, torch.split(theta, [math.prod(s) for s in shapes])))
+        params = {n: x.reshape(s) for (n, x), s in zip(parts.items(), shapes)}
+        torch.func.functional_call(model, params, (idx[t], idx[t]))[1].backward()
+        ref.step()
+    ours = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert (ours - ft.apply_t(phi.detach())).abs().max() < 1e-10
+
+
+def test_randperm_on_a_million_entries_without_dense_matrices():
+    """~1e6 coordinates (a 1000×1000 c_proj weight and 12,345 others): R and Rᵀ invert each other and keep
+    norms (fp32, 1e-5), with the memory of k int32 permutations and small factors only."""
+    class Big(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_proj = nn.Linear(1000, 1000, bias=False)
+            self.emb = nn.Parameter(torch.randn(12_345))
+    model = Big()
+    ft = training_rotation(model, RotationConfig(kind="randperm", rounds=2))
+    v = torch.randn(ft.d)
+    w = ft.apply(v)
+    assert (ft.apply_t(w) - v).abs().max() < 1e-5
+    assert abs(w.norm() / v.norm() - 1) < 1e-5 and (w - v).abs().max() > 0.1
+    held = ft.rotation.memory_bytes()
+    assert held < 2 * 4 * ft.d + 2 * 8 * 3 * 200 ** 2 and held < ft.d ** 2 / 1000  # permutations + factors
+    assert all(p.dtype == torch.int32 for rp in ft.rotation.randperms for p in rp.perms)
+
+
+@pytest.mark.parametrize("kind", ["per_tensor", "randperm", "global"])
+def test_optimizer_indexes_named_parameters_whatever_the_param_groups(kind):
+    """With weight decay the param groups put matrices first; the rotation still indexes named_parameters,
+    so the gradient the optimizer rotates == training_rotation(...).apply(flat gradient) (the Hessian's map)."""
+    model = Net().double()
+    opt = build_optimizer(model, OptimizerConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.1),
+                          RotationConfig(kind=kind, seed=4))
+    assert [id(p) for g in opt.param_groups for p in g["params"]] != [id(p) for p in model.parameters()]  # reordered
+    assert opt.rotation.names == [n for n, _ in model.named_parameters()]
+    F.mse_loss(model(XS[0].double()), YS[0].double()).backward()
+    items = opt._items()
+    rotated = opt.rotation.rotate([it.index for it in items], [it.g for it in items], [it.state for it in items])
+    by_index = {it.index: g for it, g in zip(items, rotated)}
+    ours = torch.cat([by_index[i].reshape(-1) for i in range(len(by_index))])
+    grad = torch.cat([(p.grad + 0.1 * p.detach() * (p.dim() >= 2)).reshape(-1) for p in model.parameters()])
+    rebuilt = training_rotation(model, RotationConfig(kind=kind, seed=4), dtype=torch.float64)
+    assert torch.allclose(ours, rebuilt.apply(grad), atol=1e-6)
+    assert torch.allclose(training_rotation(model, RotationConfig(kind=kind, seed=4), opt).apply(grad), ours, atol=1e-12)

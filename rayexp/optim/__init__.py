@@ -7,7 +7,8 @@ multi-tensor function per family (``rayexp.optim.fused``; ``optimizer.fused``).
 from rayexp.optim.core import Family, ZooOptimizer
 from rayexp.optim.registry import (OPTIMIZERS, build_optimizer, is_elementwise, param_groups,
                                    state_bytes_per_param)
-from rayexp.optim.rotation import Rotation, haar_orthogonal, rotation_memory
+from rayexp.optim.rotation import FlatRotation, Rotation, haar_orthogonal, rotation_memory, training_rotation
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "is_elementwise", "param_groups", "state_bytes_per_param",
-           "Family", "ZooOptimizer", "Rotation", "haar_orthogonal", "rotation_memory"]
+           "Family", "ZooOptimizer", "Rotation", "FlatRotation", "haar_orthogonal", "rotation_memory",
+           "training_rotation"]

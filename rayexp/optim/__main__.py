@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from rayexp.config import ModelConfig, OptimizerConfig, RotationConfig
+from rayexp.config import ROTATIONS, ModelConfig, OptimizerConfig, RotationConfig
 from rayexp.optim.adam import GRANULARITIES
 from rayexp.optim.registry import OPTIMIZERS, state_bytes_per_param
 from rayexp.optim.rotation import GLOBAL_MAX_DIM, rotation_memory
@@ -37,12 +37,12 @@ def optimizer_table() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def preset_shapes(preset: str, vocab: int) -> list[torch.Size]:
-    """Parameter shapes of a GPT-2 preset, built on the meta device (no memory)."""
+def preset_shapes(preset: str, vocab: int) -> tuple[list[torch.Size], list[str]]:
+    """Parameter shapes and names of a GPT-2 preset, built on the meta device (no memory)."""
     from rayexp.models.gpt2 import GPT, gpt_config
     with torch.device("meta"):
         model = GPT(gpt_config(ModelConfig(preset=preset), vocab))
-    return [p.shape for p in model.parameters()]
+    return [p.shape for p in model.parameters()], [n for n, _ in model.named_parameters()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,13 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    shapes = preset_shapes(args.preset, args.vocab)
+    shapes, names = preset_shapes(args.preset, args.vocab)
     d = sum(math.prod(s) for s in shapes)
     print(f"\nrotation memory on {args.preset} (vocab {args.vocab}, {d:,} parameters, fp32; "
           f"sides > rotation.max_dim={RotationConfig().max_dim} stay unrotated):")
-    for kind in ("none", "per_tensor", "eigenbasis", "global"):
-        b = rotation_memory(shapes, RotationConfig(kind=kind))
+    for kind in ROTATIONS:
+        b = rotation_memory(shapes, RotationConfig(kind=kind), names=names)
         note = {"per_tensor": "Haar U (m×m), V (n×n) per tensor", "eigenbasis": "bases + EMA statistics (SOAP-like)",
+                "randperm": "seed 000: 2 rounds of int32 permutation + 3 small Haar factors per group",
                 "global": f"one d×d Haar matrix; refused above {GLOBAL_MAX_DIM:,} parameters"
                           + (" (refused here)" if d > GLOBAL_MAX_DIM else ""), "none": ""}[kind]
         print(f"  {kind:<11} {_fmt_bytes(b):>12}  {note}".rstrip())

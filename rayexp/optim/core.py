@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from rayexp.config import RotationConfig
+from rayexp.config import ConfigError, RotationConfig
 from rayexp.optim.rotation import Rotation
 
 
@@ -46,6 +46,9 @@ class Family:
     prepare: Optional[Callable] = None  # (opt, items, rgrads) -> ctx, after the rotation refresh
     hypergrad: Optional[Callable] = None  # (opt, items, rgrads) -> ctx, before the rotation refresh
     init_extra: Optional[Callable[[dict], dict]] = None  # optimizer-wide state from the settings
+    # (opt, items, rgrads, micro, n_micro) -> None, after each micro-batch's backward (ZooOptimizer.after_backward)
+    observe: Optional[Callable] = None
+    micro_batches: Optional[Callable] = None  # (opt, step, grad_accum) -> micro-batches the loop accumulates
     metrics: Optional[Callable] = None  # (opt) -> dict[str, float]
     # (gs, states, hp, ctx) -> directions | None: ``update`` over tensors at one step count in foreach
     # kernels (same bits, fewer launches); used in the native basis, None means "not for these hp"
@@ -55,7 +58,7 @@ class Family:
 @dataclass
 class Item:
     """One parameter taking part in this step."""
-    index: int  # position in the optimizer's flat parameter list (rotation seeds use it)
+    index: int  # position in the flat parameter order (named_parameters under build_optimizer; rotations use it)
     p: torch.Tensor
     group: dict
     g: torch.Tensor
@@ -67,31 +70,51 @@ class ZooOptimizer(torch.optim.Optimizer):
 
     ``defaults`` are the param-group hyperparameters; ``settings`` optimizer-wide ones (MADA's initial
     coefficients and hyper learning rates), turned into ``self.extra`` by ``family.init_extra``.
+    ``named``: ``(name, parameter)`` in the flat order rotations index (``model.named_parameters()`` under
+    ``build_optimizer``, whatever the param groups); default: param-group order.
     """
 
     def __init__(self, param_groups: list[dict], family: Family, defaults: dict,
                  rotation_cfg: Optional[RotationConfig] = None, settings: Optional[dict] = None,
-                 fused_step: Optional[Callable] = None):
+                 fused_step: Optional[Callable] = None, named: Optional[list[tuple[str, torch.Tensor]]] = None):
         super().__init__(param_groups, defaults)
         self.family = family
         self.fused_step = fused_step  # rayexp.optim.fused.STEPS[family.name], or None: the per-tensor reference
-        self.params_flat = [p for g in self.param_groups for p in g["params"]]
-        self.rotation = Rotation(self.params_flat, rotation_cfg or RotationConfig())
+        in_groups = [p for g in self.param_groups for p in g["params"]]
+        named = named if named is not None else [(str(i), p) for i, p in enumerate(in_groups)]
+        if sorted(map(id, in_groups)) != sorted(id(p) for _, p in named):
+            raise ValueError("named must list exactly the parameters of the param groups")
+        self.params_flat = [p for _, p in named]
+        self.index = {id(p): i for i, p in enumerate(self.params_flat)}
+        self.rotation = Rotation(self.params_flat, rotation_cfg or RotationConfig(), [n for n, _ in named])
+        if (rotation_cfg or RotationConfig()).init == "rotated":
+            self._rotate_init()
         self.extra: dict = {"t": 0}
         if family.init_extra is not None:
             self.extra.update(family.init_extra(settings or {}))
 
+    @torch.no_grad()
+    def _rotate_init(self) -> None:
+        """θ ← Rᵀ θ (``rotation.init: rotated``): the optimizer's coordinates φ = R θ start at the built θ."""
+        if self.rotation.kind == "eigenbasis":
+            raise ConfigError("rotation.init: 'rotated' needs a fixed rotation; allowed with per_tensor, global, "
+                              "randperm (eigenbasis has no basis before the first gradient)")
+        flat = torch.cat([p.reshape(-1) for p in self.params_flat])
+        out = self.rotation.apply_flat(flat, inverse=True)
+        for p, x in zip(self.params_flat, self.rotation._split(out, self.rotation.shapes)):
+            p.copy_(x)
+
     # ------------------------------------------------------------------------------------------
     def _items(self) -> list[Item]:
-        items, index = [], 0
+        items = []
         for group in self.param_groups:
             for p in group["params"]:
-                i, index = index, index + 1
+                i = self.index[id(p)]
                 g = p.grad
                 if g is None:
-                    if self.rotation.kind != "global":
+                    if not self.rotation.mixes:
                         continue
-                    g = torch.zeros_like(p)  # a global rotation mixes every coordinate
+                    g = torch.zeros_like(p)  # a global / randperm rotation mixes every coordinate
                 if g.is_sparse:
                     raise RuntimeError(f"{self.family.name}: sparse gradients are not supported")
                 if group["weight_decay"] and not self.family.decoupled_wd:
@@ -131,6 +154,23 @@ class ZooOptimizer(torch.optim.Optimizer):
             group["lr_used"] = group["lr"]  # MADA's hypergradient needs the previous step's lr
         return loss
 
+    @torch.no_grad()
+    def after_backward(self, micro: int, n_micro: int) -> None:
+        """The train loop calls this after micro-batch ``micro`` (of ``n_micro``) has added its gradient to
+        ``p.grad``, before clipping: MADA takes its hypergradient here (``family.observe``)."""
+        if self.family.observe is None:
+            return
+        items = self._items()
+        if items:
+            rot = self.rotation
+            rgrads = rot.rotate([it.index for it in items], [it.g for it in items], [it.state for it in items])
+            self.family.observe(self, items, rgrads, micro, n_micro)
+
+    def micro_batches(self, step: int, grad_accum: int) -> int:
+        """Micro-batches the loop accumulates for ``step`` (1-based): ``grad_accum`` unless the family says
+        otherwise (MADA's seed quirk ``two_micro_batch_start``)."""
+        return self.family.micro_batches(self, step, grad_accum) if self.family.micro_batches else grad_accum
+
     def _step_reference(self, items: list[Item], rgrads: list, ctx: dict) -> None:
         """The per-tensor step: ``family.update`` (or ``update_many``), un-rotate, apply."""
         rot, fam = self.rotation, self.family
@@ -140,7 +180,7 @@ class ZooOptimizer(torch.optim.Optimizer):
         for it, g in zip(items, rgrads):
             it.state["step"] += 1
             d = fam.update(g, it.state, it.group, ctx)
-            if rot.kind == "global":
+            if rot.mixes:
                 directions.append(d)
             else:
                 self._apply(it, rot.unrotate([it.index], [d], [it.state])[0])
@@ -151,7 +191,7 @@ class ZooOptimizer(torch.optim.Optimizer):
 
     def _step_fused(self, items: list[Item], rgrads: list, ctx: dict) -> None:
         """``fused_step`` once per (param group, step count) bucket; θ updated inside it without a rotation,
-        else its directions are un-rotated (global: all together, in item order) and applied here."""
+        else its directions are un-rotated (global, randperm: all together) and applied here."""
         rot, buckets = self.rotation, {}
         for it, g in zip(items, rgrads):
             buckets.setdefault((id(it.group), int(it.state["step"].item())), []).append((it, g))
@@ -167,7 +207,7 @@ class ZooOptimizer(torch.optim.Optimizer):
             return
         ds = [directions[it.index] for it in items]
         idx, states = [it.index for it in items], [it.state for it in items]
-        if rot.kind == "global":
+        if rot.mixes:
             ds = rot.unrotate(idx, ds, states)
         else:
             ds = [rot.unrotate([i], [d], [st])[0] for i, d, st in zip(idx, ds, states)]

@@ -23,7 +23,7 @@ import math
 import torch
 
 from rayexp.optim.adam import mean_square
-from rayexp.optim.mada import LION_BETA1, LION_BETA2, mada_direction
+from rayexp.optim.mada import LION_BETA1, LION_BETA2, keep_step_state, mada_direction
 
 COMPILE = True  # False runs the same kernels eagerly (tests of the math without inductor)
 
@@ -98,7 +98,7 @@ def _adam_kernel(ps, gs, ms, vs, lr: float, decay: float, beta1: float, beta2: f
 
 
 def _mada_kernel(ps, gs, bufs, k: dict, t: float, lr: float, decay: float, eps: float, apply: bool):
-    """bufs[i] = (g_prev, m, v, n, vbar, m_lion); returns per tensor (d or None, m, v, n, vbar, g_prev)."""
+    """bufs[i] = (g_prev, m, v, n, vbar, m_lion); returns per tensor (d or None, m, v, n, vbar, g)."""
     out = []
     for p, g, (g_prev, m, v, n, vbar, m_lion) in zip(ps, gs, bufs):
         m_lion.mul_(LION_BETA2).add_(g, alpha=1 - LION_BETA2)
@@ -107,7 +107,7 @@ def _mada_kernel(ps, gs, bufs, k: dict, t: float, lr: float, decay: float, eps: 
         if apply:
             _apply(p, d, lr, decay)
             d = None
-        out.append((d, m2, v2, n2, vbar2, g.clone()))
+        out.append((d, m2, v2, n2, vbar2, g))  # cloned by keep_step_state
     return out
 
 
@@ -151,12 +151,13 @@ def adam_step(decoupled: bool):
 def mada_step(ps, gs, states, hp, ctx, apply):
     """MADA's update (mada.py); keeps the pre-step m, v, n, g_prev for the next hypergradient."""
     t = float(states[0]["step"].item())
+    if t == 1:
+        for st, g in zip(states, gs):
+            st["n"] = g * g  # the seed's start of n (mada.mada_update)
     bufs = [tuple(st[key] for key in ("g_prev", "m", "v", "n", "vbar", "m_lion")) for st in states]
     out = _run(_mada_kernel, ps, gs, bufs, ctx["coefs"], t, hp["lr"], _decay(hp, True), hp["eps"], apply)
-    for st, (_, m, v, n, vbar, g_prev) in zip(states, out):
-        for key in ("m", "v", "n", "g_prev"):
-            st[key + "_old"] = st[key]
-        st.update(m=m, v=v, n=n, vbar=vbar, g_prev=g_prev)
+    for st, (_, m, v, n, vbar, g) in zip(states, out):
+        keep_step_state(st, g, m, v, n, vbar, ctx.get("g_prev_zero", False))
     return None if apply else [o[0] for o in out]
 
 

@@ -9,6 +9,7 @@ from rayexp.optim.adam import ADAM, ADAMW, GRANULARITIES
 from rayexp.optim.core import Family, ZooOptimizer
 from rayexp.optim.fused import STEPS
 from rayexp.optim.mada import MADA
+from rayexp.optim.rotation import named_trainable
 from rayexp.optim.sgd import SGD
 from rayexp.optim.signum import SIGNUM
 
@@ -20,11 +21,12 @@ def state_bytes_per_param(opt_cfg: OptimizerConfig, bytes_per_float: int = 4) ->
     return OPTIMIZERS[opt_cfg.name].state_floats(opt_cfg) * bytes_per_float
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """nanoGPT's grouping: weight decay on tensors with ≥ 2 dims, none on biases/LayerNorm/scalars."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not weight_decay:
-        return [{"params": params, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
+    """Weight-decay groups. ``decay`` ``matrices`` is nanoGPT's grouping (decay on tensors with ≥ 2 dims,
+    none on biases/LayerNorm/scalars); ``all`` decays every parameter (seed 000's AdamW)."""
+    params = [p for _, p in named_trainable(model)]
+    if not weight_decay or decay == "all":
+        return [{"params": params, "weight_decay": float(weight_decay)}]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
@@ -35,7 +37,9 @@ def hyperparameters(opt_cfg: OptimizerConfig) -> tuple[dict, dict]:
     if opt_cfg.name == "mada":
         mc = opt_cfg.mada
         settings = {"mada_init": {n: getattr(mc, n) for n in MADA_COEFS},
-                    "hyper_lr": mc.per_coef("hyper_lr"), "hyper_momentum": mc.per_coef("hyper_momentum")}
+                    "hyper_lr": mc.per_coef("hyper_lr"), "hyper_momentum": mc.per_coef("hyper_momentum"),
+                    "clip": opt_cfg.hypergrad_clip, "delay": opt_cfg.hypergrad_delay,
+                    "quirks": tuple(mc.seed_quirks)}
         return {"lr": opt_cfg.lr, "weight_decay": 0.0, "eps": mc.eps}, settings
     if opt_cfg.granularity not in GRANULARITIES:
         raise ConfigError(f"optimizer.granularity: {opt_cfg.granularity!r}; allowed: {', '.join(GRANULARITIES)}")
@@ -52,9 +56,9 @@ def build_optimizer(model: nn.Module, opt_cfg: OptimizerConfig,
     if opt_cfg.lr < 0:
         raise ConfigError(f"optimizer.lr: must be >= 0 (got {opt_cfg.lr})")
     defaults, settings = hyperparameters(opt_cfg)
-    return ZooOptimizer(param_groups(model, opt_cfg.weight_decay), OPTIMIZERS[opt_cfg.name], defaults,
-                        rotation_cfg or RotationConfig(), settings,
-                        STEPS[opt_cfg.name] if use_fused(model, opt_cfg) else None)
+    return ZooOptimizer(param_groups(model, opt_cfg.weight_decay, opt_cfg.decay), OPTIMIZERS[opt_cfg.name],
+                        defaults, rotation_cfg or RotationConfig(), settings,
+                        STEPS[opt_cfg.name] if use_fused(model, opt_cfg) else None, named_trainable(model))
 
 
 def use_fused(model: nn.Module, opt_cfg: OptimizerConfig) -> bool:

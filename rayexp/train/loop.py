@@ -189,9 +189,11 @@ class _Loop:
         starts = _step_indices(len(self.data.train), self.block, t.grad_accum * self.world * B, self.exp.seed, step)
         starts = starts.view(t.grad_accum, self.world, B)[:, self.rank]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: one host sync a step
-        for micro in range(t.grad_accum):
+        # the zoo may accumulate fewer (MADA's seed quirk two_micro_batch_start); each loss is still / grad_accum
+        n_micro = self.optimizer.micro_batches(step, t.grad_accum) if self.engine is None else t.grad_accum
+        for micro in range(n_micro):
             x, y = _windows(self.data.train, starts[micro], self.block, self.device)
-            sync = micro == t.grad_accum - 1 or self.world == 1 or self.engine is not None
+            sync = micro == n_micro - 1 or self.world == 1 or self.engine is not None
             with (nullcontext() if sync else self.model.no_sync()), self.autocast:
                 loss = self.model(x, y)[1]
             if self.engine is not None:  # DeepSpeed scales by its gradient_accumulation_steps and
@@ -199,7 +201,8 @@ class _Loop:
                 self.engine.step()
             else:
                 (loss / t.grad_accum).backward()
-            loss_sum += loss.detach().double() / t.grad_accum
+                self.optimizer.after_backward(micro, n_micro)  # before clipping: MADA's hypergradient
+            loss_sum += loss.detach().double() / n_micro
         if self.world > 1:  # the logged loss is the global mean, identical on every rank
             dist.all_reduce(loss_sum)
             loss_sum /= self.world
