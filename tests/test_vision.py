@@ -1,7 +1,7 @@
 """Vision models (torchvision, weights=None) and image data: every kind builds and follows the (logits, loss)
 contract, ResNet stem/width and ViT sizes, local pretrained weights, a ResNet18 learning ``task:images``, the
 CIFAR python-batch and ImageFolder readers on files written here, and the curvature engine on a ResNet18 and a
-ViT against dense Hessians in fp64 (eval-mode BatchNorm). Skipped without the ``vision`` extra."""
+ViT against dense Hessians in fp64 (eval-mode BatchNorm). Model tests are skipped without the ``vision`` extra."""
 import pickle
 
 import numpy as np
@@ -15,7 +15,11 @@ from rayexp.data.images import ImageArrays, load_images
 from rayexp.models import build
 
 pytest.importorskip("PIL")
-tv = pytest.importorskip("rayexp.models.vision").import_torchvision()
+try:  # importable after rayexp.models, even the CUDA wheel beside a CPU torch
+    import torchvision as tv
+except ImportError:
+    tv = None
+needs_tv = pytest.mark.skipif(tv is None, reason="needs the vision extra (torchvision)")
 
 
 def vision(kind: str, n_classes: int = 3, **kw):
@@ -26,6 +30,7 @@ TINY = {"resnet18": dict(stem="cifar", width=4), "resnet34": dict(width=2), "res
         "vgg16": {}, "densenet121": {}, "vit_b16": dict(patch_size=8, n_layer=1, n_head=2, n_embd=8)}
 
 
+@needs_tv
 @pytest.mark.parametrize("kind", VISION_KINDS)
 def test_every_kind_builds_and_returns_logits_and_mean_cross_entropy(kind):
     torch.manual_seed(0)
@@ -38,6 +43,7 @@ def test_every_kind_builds_and_returns_logits_and_mean_cross_entropy(kind):
     assert all(n.startswith("net.") for n, _ in model.named_parameters())
 
 
+@needs_tv
 def test_resnet_stems_and_width_follow_torchvision():
     ref = tv.models.resnet18(weights=None, num_classes=5)
     model = vision("resnet18", 5)  # imagenet stem, width 64: exactly torchvision's resnet18
@@ -50,6 +56,7 @@ def test_resnet_stems_and_width_follow_torchvision():
     assert vision("resnet50", 5, width=2).net.fc.in_features == 4 * 16  # Bottleneck expansion 4
 
 
+@needs_tv
 def test_vit_sizes_and_fused_qkv_blocks():
     from rayexp.hessian.hvp import param_blocks
     model = vision("vit_b16", 4, image_size=16, patch_size=4, n_layer=2, n_head=2, n_embd=12)
@@ -65,6 +72,7 @@ def test_vit_sizes_and_fused_qkv_blocks():
     assert (default.patch_size, big.hidden_dim, big.mlp_dim) == (16, 768, 3072)
 
 
+@needs_tv
 def test_vision_errors_are_one_line():
     with pytest.raises(ConfigError, match="needs the data's number of classes"):
         build(ModelConfig(kind="resnet18"), 256)
@@ -76,6 +84,7 @@ def test_vision_errors_are_one_line():
         vision("vit_b16", image_size=30, patch_size=8, n_layer=1, n_head=2, n_embd=8)
 
 
+@needs_tv
 def test_pretrained_state_dict_loads_and_a_mismatch_is_one_line(tmp_path):
     torch.manual_seed(0)
     src = vision("resnet18", 3, stem="cifar", width=2).eval()
@@ -102,6 +111,7 @@ def test_task_images_is_deterministic_balanced_uint8():
     assert not np.array_equal(a.train_x, c.train_x)
 
 
+@needs_tv
 def test_resnet18_at_32px_learns_task_images():
     """A ResNet18 (CIFAR stem, width 16) with Adam, 40 steps of batch 8: loss falls, validation accuracy well
     above chance (0.25) in eval mode (BatchNorm's running statistics)."""
@@ -254,6 +264,7 @@ CASES = {  # model, image side, batches, selected blocks (ResNet18 at width 1: 2
 }
 
 
+@needs_tv
 @pytest.mark.parametrize("case", [pytest.param("resnet18", marks=pytest.mark.slow), "vit_b16"])
 def test_top_eigs_and_block_lambda_max_match_dense_hessian_fp64(case):
     """top_eigs (k = 3, both ends) and each selected block's λ_max(H_bb) from slq_blocks (full reorthogonalization:
@@ -285,6 +296,7 @@ def test_top_eigs_and_block_lambda_max_match_dense_hessian_fp64(case):
         assert abs(nodes.max() - exact.max()) < 1e-6 * np.abs(exact).max(), name
 
 
+@needs_tv
 def test_hessian_of_a_train_mode_model_is_the_eval_mode_one():
     """The engine analyzes the model in eval mode (BatchNorm on running statistics): a model handed over in
     train mode gives the same products as the eval-mode model, and its own mode and statistics are untouched."""
@@ -298,3 +310,9 @@ def test_hessian_of_a_train_mode_model_is_the_eval_mode_one():
     assert model.training and torch.equal(model.net.bn1.running_mean, stats)
     hv_eval = HVP(model.eval(), batches, mode="fwd_rev").hvp_sum(v)
     assert torch.allclose(hv_train, hv_eval, rtol=1e-10, atol=1e-12)
+
+
+def test_missing_torchvision_is_one_line(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "torchvision", None)  # as if the vision extra were absent
+    with pytest.raises(ConfigError, match=r"vision models need torchvision: pip install 'rayexp\[vision\]'"):
+        build(ModelConfig(kind="resnet18"), 0, 3)

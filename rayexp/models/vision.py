@@ -31,23 +31,35 @@ RESNETS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBlock", 
 _NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
 
 
+def declare_torchvision_ops() -> None:
+    """Make an installed torchvision importable next to a torch it was not built for (PyPI's CUDA wheel beside
+    a CPU torch): its C++ ops then fail to load, and its import dies registering fakes for ``nms``/``qnms``
+    unless their schemas exist, so they are declared here (no kernels; detection ops fail when called, rayexp
+    calls none). Runs on ``import rayexp.models``, before anything (transformers included) imports torchvision;
+    a no-op where torchvision is absent, already imported, or its ops load."""
+    import importlib.util
+    spec = importlib.util.find_spec("torchvision") if "torchvision" not in sys.modules else None
+    if spec is None or not spec.submodule_search_locations:
+        return
+    lib = next(Path(spec.submodule_search_locations[0]).glob("_C*.so"), None)
+    try:
+        if lib is not None:
+            torch.ops.load_library(str(lib))
+            return
+    except OSError:
+        pass
+    for op in ("nms", "qnms"):
+        if not hasattr(torch.ops.torchvision, op):
+            torch.library.define(f"torchvision::{op}", _NMS_SCHEMA)
+
+
 def import_torchvision():
-    """``import torchvision``; where its C++ ops cannot load (PyPI's CUDA wheel next to a CPU torch) the two
-    op schemas its import registers fakes for (nms, qnms) are declared first, so the pure-Python models import.
-    Detection ops then fail when called; rayexp calls none."""
+    """``import torchvision`` (``declare_torchvision_ops`` has run), or one line saying how to install it."""
+    declare_torchvision_ops()
     try:
         import torchvision as tv
-        return tv
     except ImportError:
         raise ConfigError("vision models need torchvision: pip install 'rayexp[vision]'") from None
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    for op in ("nms", "qnms"):
-        torch.library.define(f"torchvision::{op}", _NMS_SCHEMA)
-    import torchvision as tv
     return tv
 
 
