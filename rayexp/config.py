@@ -22,7 +22,14 @@ ROTATION_INITS = ("native", "rotated")  # rotation.init: θ₀ as built, or θ�
 DECAY_SCOPES = ("matrices", "all")  # optimizer.decay: tensors with >= 2 dims (nanoGPT), or every parameter
 DEVICES = ("auto", "cpu", "cuda")
 DATA_TASKS = ("bfs", "dfs")  # data.corpus task:NAME (rayexp.data.tasks)
-CORPORA = ("builtin", "text:PATH", "parquet:PATH", "hf:NAME[:CONFIG]") + tuple(f"task:{t}" for t in DATA_TASKS)
+IMAGE_TASKS = ("images",)  # data.corpus task:images: synthetic image classification (rayexp.data.images)
+CORPORA = (("builtin", "text:PATH", "parquet:PATH", "hf:NAME[:CONFIG]", "images:PATH")
+           + tuple(f"task:{t}" for t in DATA_TASKS + IMAGE_TASKS))
+VISION_KINDS = ("resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "vit_b16")  # rayexp.models.vision
+MODEL_KINDS = ("gpt2", "cnn", "mlp") + VISION_KINDS
+NORMS = ("pre", "post")  # GPT-2 LayerNorm placement (docs/methods.md "GPT-2")
+STEMS = ("imagenet", "cifar")  # ResNet stem: 7×7/2 conv + max-pool, or 3×3/1 conv without pool
+HESSIAN_BACKENDS = ("torch", "jax")  # who computes Hessian-vector products (docs/methods.md "Backends")
 HESSIAN_TASKS = ("top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobenius", "block_curvature",
                  "grad_heterogeneity")
 METRICS = ("val_loss", "train_loss")  # what a sweep can optimize
@@ -45,7 +52,13 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    kind: Literal["gpt2", "cnn", "mlp"] = "gpt2"
+    """What ``rayexp.models.build`` makes. ``preset`` sizes gpt2/cnn/mlp; vision kinds (VISION_KINDS) use
+    torchvision's sizes, with ``n_layer``/``n_head``/``n_embd`` (MLP 4·n_embd) overriding ViT-B's,
+    ``image_size``/``patch_size`` the ViT input, ``stem``/``width`` the ResNet stem and base width (64:
+    torchvision's), and ``pretrained`` a local torchvision-format state_dict (docs/methods.md "Vision models").
+    """
+    kind: Literal[MODEL_KINDS] = "gpt2"  # type: ignore[valid-type]
+    norm: Literal[NORMS] = "pre"  # type: ignore[valid-type]
     preset: Optional[Literal[PRESETS]] = "gpt2-tiny"
     n_layer: Optional[int] = Field(None, ge=1)
     n_head: Optional[int] = Field(None, ge=1)
@@ -61,6 +74,11 @@ class ModelConfig(_Strict):
     # GPT embedding/head rows rounded up to a multiple of this (nanoGPT's 50257 → 50304): the padded ids
     # never occur in the data; an unpadded 50257-wide head costs ~20 ms/step on an H100 (benchmarks/).
     vocab_multiple: int = Field(64, ge=1)
+    image_size: int = Field(32, ge=4)
+    patch_size: int = Field(16, ge=1)
+    stem: Literal[STEMS] = "imagenet"  # type: ignore[valid-type]
+    width: int = Field(64, ge=1)
+    pretrained: Optional[str] = None
 
 
 class DataConfig(_Strict):
@@ -331,7 +349,9 @@ class HessianConfig(_Strict):
     ``memory_gib``: the budget per device (default: what the device has free); ``shard``: with ``actors`` > 1,
     ``data`` (each actor holds the model and a share of the batches) or ``params`` (each holds 1/N of the
     parameters and of every vector); ``cpus_per_actor`` / ``gpus_per_actor``: Ray resources per actor
-    (default: an equal share of what the cluster has, at most 1). During training, every ``every`` steps
+    (default: an equal share of what the cluster has, at most 1). ``backend``: ``torch`` or ``jax`` (the JAX
+    ports of gpt2/cnn/mlp, token cross-entropy only) computes the analysis' products (the monitor below always
+    uses torch). During training, every ``every`` steps
     (0: never) the metrics ``during`` are logged as ``curv/*`` on one fixed batch, with ``during_steps``
     Lanczos steps (warm-started) and ``during_probes`` Hutchinson probes.
     """
@@ -347,6 +367,7 @@ class HessianConfig(_Strict):
     mode: Literal[HESSIAN_MODES] = "auto"  # type: ignore[valid-type]
     dtype: Literal[HESSIAN_DTYPES] = "fp32"  # type: ignore[valid-type]
     attention: Literal["naive", "sdpa"] = "naive"
+    backend: Literal[HESSIAN_BACKENDS] = "torch"  # type: ignore[valid-type]
     memory_gib: Optional[float] = Field(None, gt=0.0)
     top_k: int = Field(5, ge=1)
     which: Literal["largest", "smallest", "both"] = "largest"
@@ -382,6 +403,13 @@ class HessianConfig(_Strict):
                 raise ValueError(f"reorth.{bad[0]}: not a Lanczos task; allowed: {', '.join(LANCZOS_TASKS)}")
             return {**REORTH_DEFAULTS, **v}
         return v
+
+    @model_validator(mode="after")
+    def _jax_in_one_process(self) -> "HessianConfig":
+        if self.backend == "jax" and self.actors > 1:
+            raise ValueError("hessian.backend=jax runs in one process (hessian.actors=1); allowed with actors > 1: "
+                             "backend=torch")
+        return self
 
 
 class Experiment(_Strict):

@@ -1,5 +1,6 @@
-"""JAX port of GPT-2 / TokenMLP / TokenCNN vs torch: logits, loss, gradient, HVP (torch.func and dense Hessian),
-Lanczos on the JAX operator vs on the torch one. Skipped without the ``jax`` extra (``pip install .[jax]``)."""
+"""JAX port of GPT-2 (pre- and post-LN) / TokenMLP / TokenCNN vs torch: logits, loss, gradient, HVP (torch.func and
+dense Hessian), Lanczos on the JAX operator vs on the torch one, and ``hessian.backend=jax`` through ``analyze`` and
+the CLI against ``backend=torch``. Skipped without the ``jax`` extra (``pip install .[jax]``)."""
 import numpy as np
 import pytest
 
@@ -180,3 +181,78 @@ def test_bad_inputs():
         jax_hvp_fn(model, [])
     with pytest.raises(ValueError, match="block_size 8"):
         jax_hvp_fn(model, make_batches(T=9))
+
+
+# -- hessian.backend: torch | jax ----------------------------------------------------------------------
+def test_post_ln_port_matches_torch():
+    model = make_model("gpt", norm="post")
+    (x, y), = make_batches(n=1, T=6)
+    with x64():
+        logits = forward(params_from_torch(model), x.numpy(), arch(model))
+    assert arch(model).norm == "post" and "transformer.ln_f.weight" not in params_from_torch(model)
+    assert np.abs(np.asarray(logits) - model(x)[0].detach().numpy()).max() < 1e-12
+
+
+def test_backend_jax_equals_torch_through_analyze_in_fp64():
+    """The same tasks on the same post-LN GPT with hessian.backend=torch and =jax (one Operator interface:
+    gradient start vector, per-batch operators, rotated basis): equal to 1e-6, in fact to rounding."""
+    from rayexp.config import HessianConfig
+    from rayexp.hessian import analyze
+    model, batches = make_model("gpt", norm="post"), make_batches()
+    out = {}
+    for backend in ("torch", "jax"):
+        cfg = HessianConfig(tasks=["top_eigs", "trace", "l11", "block_curvature"], dtype="fp64", backend=backend,
+                            top_eigs_steps=20, hutchinson_probes=4, cauchy_vectors=4, curvature_steps=4,
+                            blocks=["transformer.h.0.attn.c_attn.weight.q", "transformer.h.0.mlp.c_fc.weight"])
+        out[backend] = analyze(model, batches, cfg, progress=False)
+    assert "jax products" in out["jax"]["plan"] and "jax" not in out["torch"]["plan"]
+    for key in ("top_eigs", "block_curvature", "l11_rows", "l11_rotated_rows"):
+        a, b = out["torch"]["arrays"][key], out["jax"]["arrays"][key]
+        assert np.abs(a).max() > 0 and np.abs(a - b).max() < 1e-6 * np.abs(a).max(), key
+        assert np.abs(a - b).max() < 1e-12 * np.abs(a).max(), key
+    for key in ("lambda_max", "grad_norm", "hutchinson_trace"):
+        assert abs(out["jax"]["metrics"][key] - out["torch"]["metrics"][key]) < 1e-10 * abs(out["torch"]["metrics"][key])
+    assert out["jax"]["hvps"] == out["torch"]["hvps"]
+
+
+def test_backend_jax_refuses_what_it_cannot_compute():
+    from rayexp.config import ConfigError, HessianConfig, validate
+    from rayexp.hessian import analyze
+    from rayexp.hessian.hvp import token_cross_entropy
+    cfg = HessianConfig(backend="jax", dtype="fp64")
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten())
+    with pytest.raises(ConfigError, match="hessian.backend=jax: Sequential has no JAX port; allowed: model.kind gpt2"):
+        analyze(conv, [(torch.rand(1, 3, 4, 4), torch.tensor([0]))], cfg, progress=False)
+    with pytest.raises(ConfigError, match="custom loss needs hessian.backend=torch"):
+        analyze(make_model("mlp"), make_batches(), cfg, token_cross_entropy, progress=False)
+    with pytest.raises(ConfigError, match="hessian.dtype=tf32 has no JAX counterpart; allowed"):
+        analyze(make_model("mlp"), make_batches(), HessianConfig(backend="jax", dtype="tf32"), progress=False)
+    with pytest.raises(ConfigError, match="backend=jax runs in one process"):
+        validate({"hessian": {"backend": "jax", "actors": 2}})
+    with pytest.raises(ConfigError, match=r"hessian\.backend: 'xla' is not allowed; allowed: 'torch' or 'jax'"):
+        validate({"hessian": {"backend": "xla"}})
+
+
+def test_cli_backend_jax_top_eigs_equal_torch_in_fp64(in_tmp, capsys):
+    """``python -m rayexp.hessian --checkpoint C backend=jax dtype=fp64``: the top eigenvalues equal torch's to 1e-6
+    (relative to λ_max; in fact to rounding); a bad backend value is one line naming the field and the values."""
+    from rayexp.config import validate
+    from rayexp.data import load_tokens
+    from rayexp.hessian.__main__ import main
+    from rayexp.models import build
+    from rayexp.train.checkpoint import save_checkpoint
+    exp = validate({"model": {"preset": None, "n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 8},
+                    "hessian": {"batches": 2, "batch_size": 2, "top_eigs_steps": 12, "top_k": 3}})
+    vocab = load_tokens(exp.data, 8).vocab_size
+    torch.manual_seed(0)
+    save_checkpoint("ckpt", build(exp.model, vocab), None, 0, exp, {"vocab_size": vocab})
+    tops = {}
+    for backend in ("torch", "jax"):
+        args = ["--checkpoint", "ckpt", "--tasks", "top_eigs", f"backend={backend}", "dtype=fp64", "--out", backend]
+        assert main(args + ["--no-progress"]) == 0
+        assert f"({backend if backend == 'jax' else 'fwd_rev'} products" in capsys.readouterr().out
+        tops[backend] = np.load(f"{backend}/hessian.npz")["top_eigs"]
+    assert len(tops["jax"]) == 3 and np.abs(tops["jax"] - tops["torch"]).max() < 1e-6 * abs(tops["torch"][0])
+    assert main(["--checkpoint", "ckpt", "backend=xla"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "hessian.backend" in err and "'torch' or 'jax'" in err

@@ -183,3 +183,71 @@ def test_training_forward_traces_without_graph_breaks(loss):
     explanation = torch._dynamo.explain(model)(x, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+# -- model.norm: pre | post ----------------------------------------------------------------------------
+def _post_ln_reference(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Post-LN GPT written out from the formula (Vaswani et al. 2017; RoBERTa's layers, seed 003):
+    x ← LN₁(x + Attn(x)), x ← LN₂(x + W₂ GELU(W₁ x)), logits = x Eᵀ, no final LayerNorm."""
+    import torch.nn.functional as F
+    sd = {k: v for k, v in model.state_dict().items()}
+    C, H = model.config.n_embd, model.config.n_head
+    B, T = idx.shape
+    x = sd["transformer.wte.weight"][idx] + sd["transformer.wpe.weight"][:T]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(model.config.n_layer):
+        w = lambda name: sd[f"transformer.h.{i}.{name}"]  # noqa: E731
+        qkv = x @ w("attn.c_attn.weight").T + w("attn.c_attn.bias")
+        q, k, v = (t.reshape(B, T, H, C // H).permute(0, 2, 1, 3) for t in qkv.chunk(3, dim=-1))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(C // H)
+        att = torch.softmax(scores.masked_fill(~causal, -math.inf), dim=-1) @ v
+        att = att.permute(0, 2, 1, 3).reshape(B, T, C) @ w("attn.c_proj.weight").T + w("attn.c_proj.bias")
+        x = F.layer_norm(x + att, (C,), w("ln_1.weight"), w("ln_1.bias"), eps=1e-5)
+        h = F.gelu(x @ w("mlp.c_fc.weight").T + w("mlp.c_fc.bias")) @ w("mlp.c_proj.weight").T + w("mlp.c_proj.bias")
+        x = F.layer_norm(x + h, (C,), w("ln_2.weight"), w("ln_2.bias"), eps=1e-5)
+    return x @ sd["transformer.wte.weight"].T
+
+
+@pytest.mark.parametrize("attention", ["naive", "sdpa"])
+def test_post_ln_forward_equals_the_written_out_formula(attention):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16, attention=attention,
+                          norm="post")).double()
+    with torch.no_grad():  # LayerNorm gains and biases away from 1 and 0, so their placement matters
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    assert "ln_f" not in model.transformer
+    idx = torch.randint(29, (3, 11))
+    logits = model(idx)[0]
+    assert torch.allclose(logits, _post_ln_reference(model, idx), atol=1e-12, rtol=1e-12)
+    pre = GPT(GPTConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16, attention=attention)).double()
+    pre.load_state_dict(model.state_dict(), strict=False)  # same weights, pre-LN placement: another function
+    assert (pre(idx)[0] - logits).abs().max() > 1e-2
+
+
+def test_pre_ln_is_the_default_and_unchanged():
+    """norm=pre keeps nanoGPT's blocks: the forward equals x + attn(ln_1 x), x + mlp(ln_2 x), ln_f, head, bitwise,
+    and the parameters (names, order, initial values) are those of a model built without the setting."""
+    assert ModelConfig().norm == "pre" and GPTConfig().norm == "pre"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16, attention="naive"))
+    torch.manual_seed(0)
+    explicit = GPT(GPTConfig(vocab_size=29, block_size=16, n_layer=2, n_head=2, n_embd=16, attention="naive",
+                             norm="pre"))
+    assert [n for n, _ in model.named_parameters()][-2:] == ["transformer.ln_f.weight", "transformer.ln_f.bias"]
+    for (n, a), (m, b) in zip(model.state_dict().items(), explicit.state_dict().items()):
+        assert n == m and torch.equal(a, b)
+    idx = torch.randint(29, (2, 16))
+    t = model.transformer
+    x = t.wte(idx) + t.wpe(torch.arange(16))
+    for blk in t.h:
+        x = x + blk.attn(blk.ln_1(x))
+        x = x + blk.mlp(blk.ln_2(x))
+    assert torch.equal(model(idx)[0], model.lm_head(t.ln_f(x)))
+
+
+def test_model_norm_is_validated():
+    from rayexp.config import ConfigError, validate
+    with pytest.raises(ConfigError, match=r"model\.norm: 'mid' is not allowed; allowed: 'pre' or 'post'"):
+        validate({"model": {"norm": "mid"}})
+    assert gpt_config(ModelConfig(norm="post"), 97).norm == "post"

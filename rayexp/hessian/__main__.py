@@ -52,7 +52,8 @@ def _config(args, base: HessianConfig) -> HessianConfig:
         if where.startswith("tasks"):
             from rayexp.hessian.tasks import TASKS
             raise ConfigError(f"--tasks: unknown task {err['input']!r}; allowed: {', '.join(TASKS)}") from None
-        raise ConfigError(f"hessian.{where}: {err['msg'] if err else e}") from None
+        msg = err["msg"].removeprefix("Value error, ") if err else str(e)
+        raise ConfigError(f"hessian.{where}: {msg}" if where else msg) from None
 
 
 def _run(args) -> int:

@@ -19,8 +19,12 @@ TF32 matrix products on Ampere+). Attention: products run with the math SDPA ker
 exact and twice differentiable, so ``sdpa`` models work as well as ``naive`` ones; dropout > 0 is refused.
 
 Vectors are flat: θ is the concatenation of ``model.named_parameters()`` (tied weights once), in that
-order. ``blocks`` names contiguous slices of it: one per parameter tensor, with GPT's fused attention
-``c_attn`` weight/bias split into Q, K and V (rows 0:C, C:2C, 2C:3C; row-major, so slices stay contiguous).
+order. ``blocks`` names contiguous slices of it: one per parameter tensor, with the fused attention
+projections, GPT's ``c_attn`` and ``nn.MultiheadAttention``'s ``in_proj_weight``/``in_proj_bias`` (ViT), split
+into Q, K and V (rows 0:C, C:2C, 2C:3C; row-major, so slices stay contiguous).
+
+The products are of the model in eval mode: BatchNorm uses its running statistics, so the loss is a
+deterministic function of θ (docs/methods.md "Vision models").
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from rayexp.hessian.operator import Block
 MODES = ("cached", "double_backward", "fwd_rev", "fd")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp64": torch.float64}
 LossFn = Callable[[Any, Any], torch.Tensor]
+FUSED_QKV = (".c_attn.", ".in_proj_weight", ".in_proj_bias")  # parameter names holding Q, K, V stacked by rows
 
 
 def token_cross_entropy(model, batch) -> torch.Tensor:
@@ -60,11 +65,11 @@ def check_model(model: nn.Module) -> None:
 
 
 def param_blocks(model: nn.Module, split_qkv: bool = True) -> list[Block]:
-    """Blocks of the flat vector: one per parameter tensor, ``*.c_attn.*`` split into ``.q/.k/.v``."""
+    """Blocks of the flat vector: one per parameter tensor, fused QKV (``FUSED_QKV``) split into ``.q/.k/.v``."""
     blocks, start = [], 0
     for name, p in model.named_parameters():
         n = p.numel()
-        if split_qkv and ".c_attn." in name and p.shape[0] % 3 == 0:
+        if split_qkv and any(f in name for f in FUSED_QKV) and p.shape[0] % 3 == 0:
             third = n // 3
             for i, part in enumerate("qkv"):
                 blocks.append(Block(f"{name}.{part}", name, start + i * third, start + (i + 1) * third))
@@ -125,7 +130,7 @@ class HVP:
         first = next(model.parameters())
         self.device = torch.device(device) if device is not None else first.device
         self.mode, self.precision, self.work = mode, dtype, DTYPES[dtype]
-        self.model = copy.deepcopy(model).to(self.device)  # its own copy: the kernel choice below is ours
+        self.model = copy.deepcopy(model).to(self.device).eval()  # its own copy: the kernel choice below is ours
         for m in self.model.modules():  # rayexp's GPT picks an SDPA kernel itself: make it the exact one
             if getattr(m, "sdpa_backend", None) not in (None, "math"):
                 m.sdpa_backend = "math"

@@ -3,9 +3,10 @@
     params = params_from_torch(model)                 # {torch parameter name: jnp array}
     loss_fn(params, x, y, arch(model))                # mean token cross-entropy (= GPT.forward's loss)
     hvp = jax_hvp_fn(model, batches)                  # numpy v ↦ Hv, flat d-vectors
+    op = Operator(JaxProducts(model, batches, "fp64"))  # what hessian.backend=jax builds (plan.build_operator)
     Hv  = d/dε ∇L(θ + εv)|_{ε=0} = jax.jvp(jax.grad(L), (θ,), (v,))[1]   (docs/methods.md "HVP")
 
-The ports follow ``rayexp.models``: GPT-2 (pre-LN blocks, learned positions, exact-erf GELU as
+The ports follow ``rayexp.models``: GPT-2 (pre-LN or post-LN blocks, learned positions, exact-erf GELU as
 ``F.gelu``'s default, explicit causal softmax attention, LayerNorm eps 1e-5, optional biases, ``lm_head``
 tied to ``wte``), ``TokenMLP`` and ``TokenCNN``. They are the deterministic (eval) forwards: no dropout,
 and the attention kernel setting is irrelevant (JAX always runs the exact softmax).
@@ -28,10 +29,16 @@ import math
 from functools import partial
 from typing import Callable, NamedTuple, Sequence
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 import torch.nn as nn
+
+from rayexp.config import ConfigError
+from rayexp.hessian.hvp import HVP, param_blocks
 
 DTYPES = {"float64": np.float64, "fp64": np.float64, "float32": np.float32, "fp32": np.float32}
 LN_EPS = 1e-5  # nn.LayerNorm's default, as in GPT's blocks
@@ -86,20 +93,35 @@ class Arch(NamedTuple):
     n_layer: int
     n_head: int = 0
     kernel: int = 0
+    norm: str = "pre"  # GPT's LayerNorm placement (rayexp.config.NORMS)
+
+
+def _ln(p: dict, name: str, x):
+    """The LayerNorm ``name`` of a ported model (``name.weight``, optional ``name.bias``)."""
+    return layer_norm(x, p[name + ".weight"], p.get(name + ".bias"))
+
+
+def _gpt_mlp(p: dict, pre: str, x):
+    """GPT's MLP: c_proj(GELU(c_fc x))."""
+    h = gelu(linear(x, p[pre + "mlp.c_fc.weight"], p.get(pre + "mlp.c_fc.bias")))
+    return linear(h, p[pre + "mlp.c_proj.weight"], p.get(pre + "mlp.c_proj.bias"))
 
 
 def gpt_forward(p: dict, idx, a: Arch):
-    """GPT-2 logits (B, T, V): wte[idx] + wpe[:T] → pre-LN blocks → ln_f → x wteᵀ (tied head)."""
+    """GPT-2 logits (B, T, V): wte[idx] + wpe[:T] → blocks → x wteᵀ (tied head). Pre-LN blocks
+    x + attn(LN₁ x), x + mlp(LN₂ x), then ln_f; post-LN blocks LN₁(x + attn x), LN₂(x + mlp x), no ln_f."""
     T = idx.shape[1]
     x = p["transformer.wte.weight"][idx] + p["transformer.wpe.weight"][:T]
     for i in range(a.n_layer):
         pre = f"transformer.h.{i}."
-        x = x + causal_attention(p, pre + "attn.", layer_norm(x, p[pre + "ln_1.weight"], p.get(pre + "ln_1.bias")),
-                                 a.n_head)
-        h = layer_norm(x, p[pre + "ln_2.weight"], p.get(pre + "ln_2.bias"))
-        h = gelu(linear(h, p[pre + "mlp.c_fc.weight"], p.get(pre + "mlp.c_fc.bias")))
-        x = x + linear(h, p[pre + "mlp.c_proj.weight"], p.get(pre + "mlp.c_proj.bias"))
-    x = layer_norm(x, p["transformer.ln_f.weight"], p.get("transformer.ln_f.bias"))
+        if a.norm == "post":
+            x = _ln(p, pre + "ln_1", x + causal_attention(p, pre + "attn.", x, a.n_head))
+            x = _ln(p, pre + "ln_2", x + _gpt_mlp(p, pre, x))
+        else:
+            x = x + causal_attention(p, pre + "attn.", _ln(p, pre + "ln_1", x), a.n_head)
+            x = x + _gpt_mlp(p, pre, _ln(p, pre + "ln_2", x))
+    if a.norm != "post":
+        x = _ln(p, "transformer.ln_f", x)
     return x @ p["transformer.wte.weight"].T
 
 
@@ -137,7 +159,7 @@ def arch(model: nn.Module) -> Arch:
     if kind is None:
         raise ValueError(f"model {type(model).__name__} has no JAX port; allowed: GPT, TokenMLP, TokenCNN")
     c = model.config
-    return Arch(kind, c.n_layer, getattr(c, "n_head", 0), getattr(c, "kernel", 0))
+    return Arch(kind, c.n_layer, getattr(c, "n_head", 0), getattr(c, "kernel", 0), getattr(c, "norm", "pre"))
 
 
 def forward(params: dict, idx, a: Arch):
@@ -150,6 +172,9 @@ def loss_fn(params: dict, x, y, a: Arch):
     logits = forward(params, x, a)
     logp = jax.nn.log_softmax(logits.reshape(-1, logits.shape[-1]), axis=-1)
     return -jnp.take_along_axis(logp, y.reshape(-1, 1), axis=1).mean()
+
+
+loss_batch = jax.jit(loss_fn, static_argnums=3)  # ℓ(θ; x, y), compiled like grad_batch
 
 
 @partial(jax.jit, static_argnums=3)
@@ -207,12 +232,16 @@ def _setup(model: nn.Module, batches: Sequence, dtype: str) -> _Setup:
     return _Setup(params, data, arch(model), sum(p.size for p in params.values()))
 
 
-def _mean_over(data: list, fn: Callable) -> dict:
+def _sum_over(data: list, fn: Callable) -> dict:
     out = None
     for x, y in data:
         t = fn(x, y)
         out = t if out is None else jax.tree.map(jnp.add, out, t)
-    return jax.tree.map(lambda a: a / len(data), out)
+    return out
+
+
+def _mean_over(data: list, fn: Callable) -> dict:
+    return jax.tree.map(lambda a: a / len(data), _sum_over(data, fn))
 
 
 def _vector(v, d: int, what: str) -> np.ndarray:
@@ -252,3 +281,67 @@ def jax_grad_fn(model: nn.Module, batches: Sequence, dtype: str = "float64") -> 
             return flatten(_mean_over(s.data, lambda x, y: grad_batch(params, x, y, s.arch)), names)
 
     return grad
+
+
+# -- the engine's products ---------------------------------------------------------------------------
+class JaxProducts:
+    """Σ_b H_b v, Σ_b ∇ℓ_b and Σ_b ℓ_b of the JAX port over ``batches``: the products behind
+    ``rayexp.hessian.operator.Operator`` with ``hessian.backend=jax`` (docs/methods.md "Backends"), on flat
+    float64 torch vectors in torch's parameter order, with the blocks of ``rayexp.hessian.hvp.param_blocks``."""
+    mode = "jax"
+    graphs = None  # nothing cached between products (the compiled programs are module-level)
+    flatten, unflatten = HVP.flatten, HVP.unflatten  # {name: tensor} ↔ flat torch vectors (``Rotated``)
+
+    def __init__(self, model: nn.Module, batches: Sequence, dtype: str = "fp64"):
+        if dtype not in ("fp32", "fp64"):
+            raise ConfigError(f"hessian.dtype={dtype} has no JAX counterpart; allowed with hessian.backend=jax: "
+                              f"fp32, fp64")
+        try:
+            arch(model)
+        except ValueError:
+            raise ConfigError(f"hessian.backend=jax: {type(model).__name__} has no JAX port; allowed: model.kind "
+                              f"gpt2, cnn, mlp, or hessian.backend=torch") from None
+        self.s = _setup(model, batches, dtype)
+        self.precision, self.device = dtype, torch.device("cpu")
+        self.names = list(self.s.params)
+        self.shapes = [torch.Size(p.shape) for p in self.s.params.values()]
+        self.d, self.blocks = self.s.d, param_blocks(model)
+        self.batch_ids = list(range(len(self.s.data)))
+        self.hvp_sum(torch.zeros(1, self.d))  # compile here, so that the memory plan times a compiled product
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.s.data)
+
+    def subset(self, batch_ids: Sequence[int]) -> "JaxProducts":
+        """The same products over the batches with these global ids."""
+        other = copy.copy(self)
+        keep = [k for k, i in enumerate(self.batch_ids) if i in set(batch_ids)]
+        other.s = self.s._replace(data=[self.s.data[k] for k in keep])
+        other.batch_ids = [self.batch_ids[k] for k in keep]
+        return other
+
+    def _run(self, fn: Callable) -> np.ndarray:
+        with x64(self.precision):
+            return flatten(_sum_over(self.s.data, fn), self.names)
+
+    def hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
+        """Σ_b H_b vᵢ for each row vᵢ of V (n, d), float64."""
+        if not self.s.data:
+            return torch.zeros_like(V, dtype=torch.float64)
+        rows = []
+        for v in V.detach().cpu().double().numpy():
+            with x64(self.precision):
+                t = unflatten(v, self.s.params)
+            rows.append(self._run(lambda x, y: hvp_batch(self.s.params, t, x, y, self.s.arch)))
+        return torch.from_numpy(np.stack(rows))
+
+    def grad_sum(self) -> torch.Tensor:
+        return torch.from_numpy(self._run(lambda x, y: grad_batch(self.s.params, x, y, self.s.arch)))
+
+    def loss_sum(self) -> float:
+        with x64(self.precision):
+            return float(sum(float(loss_batch(self.s.params, x, y, self.s.arch)) for x, y in self.s.data))
+
+    def free(self) -> None:
+        """Nothing to drop (the plan's call for cached graphs)."""

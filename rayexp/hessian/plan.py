@@ -50,7 +50,10 @@ def product_mode(cfg: HessianConfig, sharded_params: bool, device: torch.device,
 def build_operator(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, comm: Optional[Comm] = None,
                    n_batches: Optional[int] = None, batch_ids: Optional[Sequence[int]] = None,
                    theta_fn=None, device=None) -> Operator:
-    """The operator of ``cfg`` over ``batches`` (a data shard when ``comm`` is a group)."""
+    """The operator of ``cfg`` over ``batches`` (a data shard when ``comm`` is a group); its products are
+    torch's (``HVP``) or, with ``hessian.backend=jax``, the JAX port's (``JaxProducts``)."""
+    if cfg.backend == "jax":
+        return Operator(_jax_products(model, batches, cfg, loss_fn), None, n_batches, cfg.reduce)
     device = device or device_of(cfg)
     sharded = comm is not None and comm.shard == "params"
     mode = product_mode(cfg, sharded, device, loss_fn is not None, sum(p.numel() for p in model.parameters()))
@@ -58,6 +61,19 @@ def build_operator(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, c
     if batch_ids is not None:
         products.batch_ids = list(batch_ids)
     return Operator(products, comm, n_batches, cfg.reduce)
+
+
+def _jax_products(model, batches: Sequence, cfg: HessianConfig, loss_fn):
+    """``JaxProducts`` of the model (ConfigError where JAX is missing or the loss is the caller's own)."""
+    if loss_fn is not None:
+        raise ConfigError("hessian.backend=jax computes the token cross-entropy of its ported models only; "
+                          "a custom loss needs hessian.backend=torch")
+    try:
+        from rayexp.hessian.jax_backend import JaxProducts
+    except ImportError:
+        raise ConfigError("hessian.backend=jax needs JAX: pip install 'rayexp[jax]'; allowed without it: "
+                          "hessian.backend=torch") from None
+    return JaxProducts(model, batches, cfg.dtype)
 
 
 # -- memory plan ------------------------------------------------------------------------------------

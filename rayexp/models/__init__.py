@@ -1,15 +1,23 @@
-"""Models: GPT-2 (gpt2.py) and small CNN/MLP baselines (cnn.py). No Ray, no MLflow here.
+"""Models: GPT-2 (gpt2.py), small CNN/MLP baselines (cnn.py) and torchvision image classifiers (vision.py).
+No Ray, no MLflow here.
 
-``build(model_cfg, vocab_size)`` is the one way to make the model a config describes, and
+``build(model_cfg, vocab_size, n_classes)`` is the one way to make the model a config describes, and
 ``block_size(model_cfg)`` the sequence length it trains on.
 """
-from rayexp.config import ConfigError, ModelConfig
+from rayexp.config import VISION_KINDS, ConfigError, ModelConfig
 from rayexp.models.gpt2 import GPT, GPTConfig, PRESETS, gpt_config  # noqa: F401
 from rayexp.models.cnn import ConvConfig, TokenCNN, TokenMLP  # noqa: F401
+from rayexp.models.vision import declare_torchvision_ops
+
+declare_torchvision_ops()  # an installed torchvision imports (for us and for transformers) even beside a CPU torch
 
 
-def build(model_cfg: ModelConfig, vocab_size: int):
-    """The model ``model_cfg`` describes (GPT-2 or a baseline from ``rayexp.models.cnn``), randomly initialized."""
+def build(model_cfg: ModelConfig, vocab_size: int, n_classes: int | None = None):
+    """The model ``model_cfg`` describes (GPT-2, a baseline from ``rayexp.models.cnn``, or an image classifier
+    over ``n_classes`` classes from ``rayexp.models.vision``), randomly initialized."""
+    if model_cfg.kind in VISION_KINDS:
+        from rayexp.models import vision
+        return vision.build(model_cfg, n_classes)
     if model_cfg.kind == "gpt2":
         try:
             return GPT(gpt_config(model_cfg, vocab_size))

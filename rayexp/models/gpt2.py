@@ -1,5 +1,8 @@
 """GPT-2 as in nanoGPT: learned positions, pre-LayerNorm blocks, GELU MLP 4x, tied embeddings.
 
+``norm="post"`` places the LayerNorms after each residual sum instead (Post-LN, the original Transformer's
+and RoBERTa's): x ← LN₁(x + attn(x)); x ← LN₂(x + mlp(x)), and no final ``ln_f`` (docs/methods.md "GPT-2").
+
 Init: N(0, 0.02) for linear/embedding weights, residual projections (``c_proj``) scaled by
 1/sqrt(2 n_layer). Attention is ``naive`` (explicit softmax: exact, supports double backward and
 forward-mode AD, which Hessian-vector products need) or ``sdpa`` (torch's fused kernel: fast; on CUDA
@@ -19,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from rayexp.config import NORMS
 
 PRESETS = {
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64),
@@ -40,6 +45,7 @@ class GPTConfig:
     attention: str = "sdpa"  # naive | sdpa
     sdpa_backend: str = "auto"  # auto | flash | cudnn | efficient | math (CUDA only)
     loss: str = "full"  # full | chunked (rayexp.config.ModelConfig.loss)
+    norm: str = "pre"  # pre | post (rayexp.config.NORMS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +63,7 @@ def gpt_config(model_cfg, vocab_size: int) -> GPTConfig:
     m = model_cfg.vocab_multiple
     return GPTConfig(vocab_size=-(-vocab_size // m) * m, dropout=model_cfg.dropout, bias=model_cfg.bias,
                      attention=model_cfg.attention, sdpa_backend=model_cfg.sdpa_backend, loss=model_cfg.loss,
-                     **sizes)
+                     norm=model_cfg.norm, **sizes)
 
 
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -178,8 +184,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
+        self.post = cfg.norm == "post"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post:
+            x = self.ln_1(x + self.attn(x))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -189,14 +199,17 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.loss not in ("chunked", "full"):
             raise ValueError(f"loss {cfg.loss!r}; allowed: chunked, full")
+        if cfg.norm not in NORMS:
+            raise ValueError(f"norm {cfg.norm!r}; allowed: {', '.join(NORMS)}")
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
         ))
+        if cfg.norm == "pre":  # Post-LN blocks end in a LayerNorm already
+            self.transformer.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -228,7 +241,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
+        if "ln_f" in self.transformer:
+            x = self.transformer.ln_f(x)
         if targets is not None and self.config.loss == "chunked":
             return None, chunked_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)
