@@ -201,6 +201,8 @@ def loop_variants(key: str, mode: dict, args) -> list[tuple[str, dict]]:
     rows = [("rayexp run_training (defaults: fused auto, loss full, sdpa auto)", {})]
     if key == "a":
         rows.append(("run_training, precise fp32: attention sdpa (efficient)", {"model": {"attention": "sdpa"}}))
+    if args.defaults_only:
+        return rows
     if key == "b":
         rows += [("run_training, optimizer.fused=false", {"optimizer": {"fused": False}}),
                  ("run_training, model.loss=chunked", {"model": {"loss": "chunked"}})]
@@ -288,6 +290,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run each mode's rows this many times, alternating their order (cancels order/clock "
                          "drift); tok/s is the mean over rounds, spread the range over all windows")
+    ap.add_argument("--defaults-only", action="store_true", help="run_training rows: only the defaults (and mode a's precise fp32 row)")
     ap.add_argument("--no-zoo", action="store_true", help="skip the rayexp.optim adamw rows")
     ap.add_argument("--sdpa", default="flash,cudnn",
                     help="mode b: one run_training row per model.sdpa_backend listed (auto is the default row)")

@@ -44,13 +44,16 @@ def _run(fn, *args):
         return _compiled(fn)(*args)
 
 
-def _apply(p: torch.Tensor, d: torch.Tensor, lr: float, decay: float) -> None:
-    """θ ← θ·(1 − lr·wd) − lr·d  (decay = lr·wd, 0 for coupled weight decay)."""
-    p.copy_(p * (1 - decay) - lr * d)
+def _apply(p: torch.Tensor, d: torch.Tensor, lr: float, keep: float) -> None:
+    """θ ← keep·θ − lr·d with keep = 1 − lr·wd (1 for coupled weight decay), as torch's AdamW rounds it.
+
+    ``keep`` comes in computed: torch 2.11's dynamo specialized ``1 − decay`` on a float input and
+    recompiled the bucket at every step of an lr schedule (benchmarks/RESULTS.md, issue 14)."""
+    p.copy_(p * keep - lr * d)
 
 
 # -- kernels: lists in, state (and θ) updated in place ----------------------------------------------------
-def _sgd_kernel(ps, gs, bufs, lr: float, decay: float, mu: float, nesterov: bool, apply: bool):
+def _sgd_kernel(ps, gs, bufs, lr: float, keep: float, mu: float, nesterov: bool, apply: bool):
     ds = []
     for p, g, b in zip(ps, gs, bufs):
         d = g
@@ -58,26 +61,26 @@ def _sgd_kernel(ps, gs, bufs, lr: float, decay: float, mu: float, nesterov: bool
             b.mul_(mu).add_(g)
             d = g + mu * b if nesterov else b
         if apply:
-            _apply(p, d, lr, decay)
+            _apply(p, d, lr, keep)
         else:
             ds.append(d)
     return ds
 
 
-def _signum_kernel(ps, gs, bufs, lr: float, decay: float, beta: float, apply: bool):
+def _signum_kernel(ps, gs, bufs, lr: float, keep: float, beta: float, apply: bool):
     ds = []
     for p, g, m in zip(ps, gs, bufs):
         if m is not None:
             m.mul_(beta).add_(g, alpha=1 - beta)
         d = torch.sign(g if m is None else m)
         if apply:
-            _apply(p, d, lr, decay)
+            _apply(p, d, lr, keep)
         else:
             ds.append(d)
     return ds
 
 
-def _adam_kernel(ps, gs, ms, vs, lr: float, decay: float, beta1: float, beta2: float, bias1: float,
+def _adam_kernel(ps, gs, ms, vs, lr: float, keep: float, beta1: float, beta2: float, bias1: float,
                  bias2_sqrt: float, eps: float, gran: str, update_v: bool, global_sq, apply: bool):
     ds = []
     for p, g, m, v in zip(ps, gs, ms, vs):
@@ -91,13 +94,13 @@ def _adam_kernel(ps, gs, ms, vs, lr: float, decay: float, beta1: float, beta2: f
                 v.mul_(beta2).add_(mean_square(g, gran), alpha=1 - beta2)
         d = (m / bias1) / (v.sqrt() / bias2_sqrt + eps)
         if apply:
-            _apply(p, d, lr, decay)
+            _apply(p, d, lr, keep)
         else:
             ds.append(d)
     return ds
 
 
-def _mada_kernel(ps, gs, bufs, k: dict, t: float, lr: float, decay: float, eps: float, apply: bool):
+def _mada_kernel(ps, gs, bufs, k: dict, t: float, lr: float, keep: float, eps: float, apply: bool):
     """bufs[i] = (g_prev, m, v, n, vbar, m_lion); returns per tensor (d or None, m, v, n, vbar, g)."""
     out = []
     for p, g, (g_prev, m, v, n, vbar, m_lion) in zip(ps, gs, bufs):
@@ -105,15 +108,16 @@ def _mada_kernel(ps, gs, bufs, k: dict, t: float, lr: float, decay: float, eps: 
         u_sign = torch.sign(LION_BETA1 * m_lion + (1 - LION_BETA1) * g)
         d, m2, v2, n2, vbar2 = mada_direction(k, t, g, g_prev, m, v, n, vbar, u_sign, eps)
         if apply:
-            _apply(p, d, lr, decay)
+            _apply(p, d, lr, keep)
             d = None
         out.append((d, m2, v2, n2, vbar2, g))  # cloned by keep_step_state
     return out
 
 
 # -- steps: the families' state conventions around the kernels ----------------------------------------------
-def _decay(hp: dict, decoupled: bool) -> float:
-    return hp["lr"] * hp["weight_decay"] if decoupled else 0.0
+def _keep(hp: dict, decoupled: bool) -> float:
+    """``_apply``'s factor on θ: 1 − lr·wd for decoupled weight decay, else 1."""
+    return 1 - hp["lr"] * hp["weight_decay"] if decoupled else 1.0
 
 
 def sgd_step(ps, gs, states, hp, ctx, apply):
@@ -124,14 +128,14 @@ def sgd_step(ps, gs, states, hp, ctx, apply):
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p)
     bufs = [st.get("momentum_buffer") if mu else None for st in states]
-    ds = _run(_sgd_kernel, ps, gs, bufs, hp["lr"], 0.0, mu, hp["nesterov"], apply)
+    ds = _run(_sgd_kernel, ps, gs, bufs, hp["lr"], 1.0, mu, hp["nesterov"], apply)
     return None if apply else ds
 
 
 def signum_step(ps, gs, states, hp, ctx, apply):
     """Signum (signum.py), decoupled weight decay."""
     bufs = [st.get("momentum_buffer") for st in states]
-    ds = _run(_signum_kernel, ps, gs, bufs, hp["lr"], _decay(hp, True), hp["momentum"], apply)
+    ds = _run(_signum_kernel, ps, gs, bufs, hp["lr"], _keep(hp, True), hp["momentum"], apply)
     return None if apply else ds
 
 
@@ -142,7 +146,7 @@ def adam_step(decoupled: bool):
         freeze, t = hp["freeze_v_after"], int(states[0]["step"].item())
         t2 = t if freeze is None else min(t, freeze)
         ds = _run(_adam_kernel, ps, gs, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-                  hp["lr"], _decay(hp, decoupled), beta1, beta2, 1 - beta1 ** t, math.sqrt(1 - beta2 ** t2),
+                  hp["lr"], _keep(hp, decoupled), beta1, beta2, 1 - beta1 ** t, math.sqrt(1 - beta2 ** t2),
                   hp["eps"], hp["granularity"], freeze is None or t <= freeze, ctx.get("global_sq"), apply)
         return None if apply else ds
     return step
@@ -155,7 +159,7 @@ def mada_step(ps, gs, states, hp, ctx, apply):
         for st, g in zip(states, gs):
             st["n"] = g * g  # the seed's start of n (mada.mada_update)
     bufs = [tuple(st[key] for key in ("g_prev", "m", "v", "n", "vbar", "m_lion")) for st in states]
-    out = _run(_mada_kernel, ps, gs, bufs, ctx["coefs"], t, hp["lr"], _decay(hp, True), hp["eps"], apply)
+    out = _run(_mada_kernel, ps, gs, bufs, ctx["coefs"], t, hp["lr"], _keep(hp, True), hp["eps"], apply)
     for st, (_, m, v, n, vbar, g) in zip(states, out):
         keep_step_state(st, g, m, v, n, vbar, ctx.get("g_prev_zero", False))
     return None if apply else [o[0] for o in out]
