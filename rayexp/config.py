@@ -18,11 +18,21 @@ PRESETS = ("gpt2-tiny", "gpt2-mini", "gpt2-124m", "gpt2-350m")  # sizes: rayexp.
 GRANULARITIES = ("coordinate", "row", "column", "tensor", "global")  # adam/adamw second moment shared over
 ROTATIONS = ("none", "per_tensor", "global", "eigenbasis")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_TASKS = ("bfs", "dfs")  # data.corpus task:NAME (rayexp.data.tasks)
-CORPORA = ("builtin", "text:PATH", "parquet:PATH", "hf:NAME[:CONFIG]") + tuple(f"task:{t}" for t in DATA_TASKS)
+DATA_TASKS = ("bfs", "dfs", "heapsort", "minimum", "binary_search", "bubble_sort",
+              "insertion_sort")  # data.corpus task:NAME, CLRS-text (rayexp.data.tasks)
+CORPORA = ("builtin", "text:PATH", "parquet:PATH", "csv:PATH", "hf:NAME[:CONFIG]", "glue:NAME") + tuple(
+    f"task:{t}" for t in DATA_TASKS)
+TOKENIZERS = ("bytes", "gpt2", "hf:PATH")  # hf:PATH: a transformers tokenizer (local folder, or hub name online)
+# glue:NAME → (text column, paired text column or None); stsb (regression) is not a classification task
+GLUE_TASKS = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+              "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
+              "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}
+HF_HEADS = ("causal_lm", "sequence_classification")  # model.hf.head
+DATA_METRICS = ("accuracy",)  # what an example dataset can name, logged as val_<metric> (rayexp.train.loop)
+IGNORE_INDEX = -100  # a target not scored (prompt, padding): torch's cross_entropy default ignore_index
 HESSIAN_TASKS = ("top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobenius", "block_curvature",
                  "grad_heterogeneity")
-METRICS = ("val_loss", "train_loss")  # what a sweep can optimize
+METRICS = ("val_loss", "train_loss") + tuple(f"val_{m}" for m in DATA_METRICS)  # what a sweep can optimize
 MADA_COEFS = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
 MADA_RANGES = {"beta1": (0.01, 0.99), "beta2": (0.501, 0.99), "beta3": (0.0, 0.99), "rho": (0.0, 1.0),
                "c": (0.0, 1.0), "gamma": (0.0, 1.0)}  # each coefficient is clamped to its range
@@ -36,8 +46,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class HFConfig(BaseModel):
+    """``model.kind: hf``: a transformers model (rayexp.models.hf). ``config``: a model type (``gpt2``,
+    ``roberta``, ...) built with random weights from its config class, offline; every other key sets a field of
+    that config (``n_layer: 2``, ``hidden_size: 64``); ``head``: ``causal_lm`` or ``sequence_classification``."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    config: Optional[str] = None
+    head: Literal[HF_HEADS] = "causal_lm"  # type: ignore[valid-type]
+
+    def fields(self) -> dict:
+        """The transformers config fields this section sets."""
+        return dict(self.model_extra or {})
+
+
 class ModelConfig(_Strict):
-    kind: Literal["gpt2", "cnn", "mlp"] = "gpt2"
+    kind: Literal["gpt2", "cnn", "mlp", "hf"] = "gpt2"
+    hf: HFConfig = Field(default_factory=HFConfig)
+    pretrained: Optional[str] = None  # kind hf: a local model folder (or a hub name when online)
     preset: Optional[Literal[PRESETS]] = "gpt2-tiny"
     n_layer: Optional[int] = Field(None, ge=1)
     n_head: Optional[int] = Field(None, ge=1)
@@ -56,14 +81,32 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """``corpus`` and ``tokenizer`` (CORPORA, TOKENIZERS). A parquet/csv/hf corpus with ``label_column`` set,
+    and every ``glue:NAME``, is text classification (one example a row: ``text_column`` or, when absent,
+    ``sentence1``/``sentence2``, plus ``text_pair_column`` if set); ``task:NAME`` is a CLRS-text task of
+    ``task_examples`` examples of size ``task_nodes`` (rayexp.data.tasks)."""
     corpus: str = "builtin"
-    tokenizer: Literal["bytes", "gpt2"] = "bytes"
+    tokenizer: str = "bytes"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
     cache_dir: Optional[str] = None  # None: ./.rayexp_cache
-    task_nodes: int = Field(8, ge=2, le=200)  # task:bfs|dfs graph size
-    task_examples: int = Field(20000, ge=1)
+    task_nodes: int = Field(8, ge=2, le=200)  # task:NAME graph size / array length
+    task_examples: int = Field(20000, ge=2)
     task_seed: int = 0
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v: str) -> str:
+        if v not in TOKENIZERS[:-1] and not (v.startswith("hf:") and v[3:]):
+            raise ValueError(f"unknown tokenizer {v!r}; allowed: {', '.join(TOKENIZERS)}")
+        return v
+
+    @property
+    def classification(self) -> bool:
+        """True when the corpus is labelled text (glue:NAME, or label_column set)."""
+        return self.corpus.startswith("glue:") or self.label_column is not None
 
     @field_validator("corpus")
     @classmethod
@@ -73,6 +116,10 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown corpus {v!r}; allowed: {', '.join(CORPORA)}")
         if head != "builtin" and v != "builtin" and not v.split(":", 1)[1]:
             raise ValueError(f"corpus {v!r} needs a value after '{head}:'")
+        if head == "task" and v[5:] not in DATA_TASKS:
+            raise ValueError(f"unknown task {v!r}; allowed: {', '.join('task:' + t for t in DATA_TASKS)}")
+        if head == "glue" and v[5:] not in GLUE_TASKS:
+            raise ValueError(f"unknown GLUE task {v!r}; allowed: {', '.join('glue:' + t for t in GLUE_TASKS)}")
         return v
 
 
@@ -330,6 +377,7 @@ class Experiment(_Strict):
         m = self.model
         if m.kind == "gpt2" and m.preset is None and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
             raise ValueError("model: give a preset or all of n_layer, n_head, n_embd, block_size")
+        _check_model_data(m, self.data)
         if self.train.warmup > self.train.steps:  # clamped, not refused (SweepSpec.notes says so)
             self.train.warmup = self.train.steps
         return self
@@ -339,6 +387,21 @@ class Experiment(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_model_data(m: ModelConfig, d: DataConfig) -> None:
+    """Model and data must fit: an hf model names its source; a classifier head needs labelled data and
+    labelled data a classifier; masked targets (tasks, classification) need the full loss."""
+    if m.kind == "hf" and (m.hf.config is None) == (m.pretrained is None):
+        raise ValueError("model.kind=hf: give exactly one of model.hf.config (a transformers model type, random "
+                         "init) or model.pretrained (a model folder)")
+    classifier = m.kind == "hf" and m.hf.head == "sequence_classification"
+    if classifier != d.classification:
+        need = ("labelled data: glue:NAME or data.label_column" if classifier else
+                "model.kind=hf with model.hf.head=sequence_classification")
+        raise ValueError(f"data.corpus={d.corpus!r} with model.kind={m.kind}: needs {need}")
+    if m.loss == "chunked" and (d.classification or d.corpus.startswith("task:")):
+        raise ValueError(f"model.loss=chunked cannot skip ignored targets of data.corpus={d.corpus!r}; allowed: full")
 
 
 class SweepConfig(Experiment):

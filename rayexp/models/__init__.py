@@ -1,6 +1,10 @@
-"""Models: GPT-2 (gpt2.py) and small CNN/MLP baselines (cnn.py). No Ray, no MLflow here.
+"""Models: GPT-2 (gpt2.py), small CNN/MLP baselines (cnn.py), Hugging Face transformers (hf.py). No Ray, no
+MLflow here. Every model's ``forward(x, y=None)`` returns ``(logits, loss)``: the mean cross-entropy over the
+targets not equal to ``rayexp.config.IGNORE_INDEX`` (token models: logits (B, T, V), y (B, T); classifiers:
+logits (B, C), y (B,)).
 
-``build(model_cfg, vocab_size)`` is the one way to make the model a config describes, and
+``build(model_cfg, vocab_size, n_classes=None, pad_id=None)`` is the one way to make the model a config
+describes for data of ``vocab_size`` tokens (and ``n_classes`` labels, padded with ``pad_id``), and
 ``block_size(model_cfg)`` the sequence length it trains on.
 """
 from rayexp.config import ConfigError, ModelConfig
@@ -8,13 +12,17 @@ from rayexp.models.gpt2 import GPT, GPTConfig, PRESETS, gpt_config  # noqa: F401
 from rayexp.models.cnn import ConvConfig, TokenCNN, TokenMLP  # noqa: F401
 
 
-def build(model_cfg: ModelConfig, vocab_size: int):
-    """The model ``model_cfg`` describes (GPT-2 or a baseline from ``rayexp.models.cnn``), randomly initialized."""
+def build(model_cfg: ModelConfig, vocab_size: int, n_classes: int | None = None, pad_id: int | None = None):
+    """The model ``model_cfg`` describes (GPT-2, a baseline from ``rayexp.models.cnn`` or a transformers model),
+    randomly initialized (or from ``model.pretrained``)."""
     if model_cfg.kind == "gpt2":
         try:
             return GPT(gpt_config(model_cfg, vocab_size))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if model_cfg.kind == "hf":
+        from rayexp.models import hf
+        return hf.build(model_cfg, vocab_size, block_size(model_cfg), n_classes, pad_id)
     from rayexp.models import cnn
     return cnn.build(model_cfg, vocab_size)
 

@@ -23,7 +23,8 @@ class ConsoleReporter:
 
     def report(self, step, metrics, checkpoint_dir=None):
         parts = [f"step {step:>5}/{self.total}"]
-        for key, fmt in (("train_loss", "train {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+        for key, fmt in (("train_loss", "train {:.4f}"), ("val_loss", "val {:.4f}"),
+                         ("val_accuracy", "acc {:.3f}"), ("lr", "lr {:.2e}"),
                          ("tokens_per_s", "{:,.0f} tok/s")):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
