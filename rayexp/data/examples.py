@@ -14,6 +14,7 @@ with ``IGNORE_INDEX`` on unscored positions, or (N,) int labels. ``batch`` turns
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -122,7 +123,8 @@ def load_classification(cfg, block_size: int) -> ExampleData:
     """Labelled text of ``cfg.corpus`` as (N, block_size) tokens and (N,) labels; glue:NAME uses its train and
     validation splits, other corpora hold out their last ``val_fraction`` of rows."""
     tok = get_tokenizer(cfg.tokenizer)
-    splits = corpora.labelled_splits(cfg.corpus)
+    hf_cache = str(Path(cfg.cache_dir or ".rayexp_cache").expanduser().resolve() / "hf")  # datasets' Arrow copies
+    splits = corpora.labelled_splits(cfg.corpus, hf_cache)
     column = "label" if cfg.corpus.startswith("glue:") else cfg.label_column
     names = splits[0].column_names
     if column not in names:
@@ -130,8 +132,8 @@ def load_classification(cfg, block_size: int) -> ExampleData:
     text, pair = _columns(cfg, names)
     xs, ys = [], []
     for ds in splits:
-        xs.append(encode_fixed(tok, ds[text], ds[pair] if pair else None, block_size))
-        ys.append(ds[column])
+        xs.append(encode_fixed(tok, list(ds[text]), list(ds[pair]) if pair else None, block_size))
+        ys.append(list(ds[column]))
     y_all, classes = _labels([v for y in ys for v in y], cfg.corpus, column)
     if len(splits) == 2:
         n = len(ys[0])
