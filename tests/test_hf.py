@@ -232,3 +232,47 @@ def test_hessian_cli_matches_a_dense_hessian(tmp_path, kind):
         scale = np.abs(ev_b).max()
         assert np.all(np.min(np.abs(nodes[:, None] - ev_b[None, :]), axis=1) <= 1e-6 * scale), name
         assert abs(nodes.max() - ev_b.max()) <= 1e-6 * scale, name
+
+
+# -- DDP -----------------------------------------------------------------------------------------------
+def _ddp_args(tmp):
+    return ["model.kind=hf", "model.hf.config=roberta", "model.hf.head=sequence_classification",
+            "model.hf.num_hidden_layers=1", "model.hf.hidden_size=16", "model.hf.num_attention_heads=2",
+            "model.hf.intermediate_size=32", "model.block_size=12", f"data.corpus=parquet:{tmp}/cls.parquet",
+            "data.label_column=label", f"data.tokenizer=hf:{tmp}/tok", "train.steps=8", "train.eval_every=4",
+            "train.eval_batches=2", "train.warmup=2", "optimizer.lr=3e-3", "train.log_block_grad_norms=false",
+            f"output_dir={tmp}", f"data.cache_dir={tmp}/cache"]
+
+
+def _ddp_worker(rank, world, port, tmp, out):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = run_training(load_experiment(None, _ddp_args(tmp) + ["train.batch_size=4"]), workdir=f"{tmp}/ddp")
+        out[rank] = [(h["step"], h.get("train_loss"), h.get("val_loss"), h.get("val_accuracy")) for h in res.history]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_train_an_hf_classifier_like_one_worker_with_doubled_batch(tmp_path):
+    """Example batches are drawn per (seed, step) and sliced by rank, so DDP over 2 workers at batch 4 follows
+    one worker at batch 8: losses and accuracy (one target per example: the means agree exactly)."""
+    import torch.multiprocessing as mp
+    from conftest import _free_port
+
+    _parquet_task(tmp_path / "cls.parquet", n=200)
+    tiny_tokenizer(tmp_path / "tok", WORDS)
+    single = run_training(load_experiment(None, _ddp_args(tmp_path) + ["train.batch_size=8"]),
+                          workdir=str(tmp_path / "single"))
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), out), nprocs=2, join=True)
+    want = [(h["step"], h.get("train_loss"), h.get("val_loss"), h.get("val_accuracy")) for h in single.history]
+    for rank in (0, 1):
+        got = out[rank]
+        assert [g[0] for g in got] == [w[0] for w in want]
+        for g, w in zip(got, want):
+            for a, b in zip(g[1:], w[1:]):
+                assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-5), (g, w)
