@@ -99,12 +99,20 @@ def test_a_local_pretrained_folder_loads_its_weights(tmp_path):
 @pytest.mark.parametrize("model, needle", [
     ({"kind": "hf", "hf": {"config": "gtp2"}}, "model.hf.config='gtp2' is not a transformers model type"),
     ({"kind": "hf", "hf": {"config": "gpt2", "n_layers": 2}}, "model.hf.n_layers: not a field of GPT2Config"),
-    ({"kind": "hf", "pretrained": "/no/such/model"}, "model.pretrained='/no/such/model' could not be loaded"),
+    ({"kind": "hf", "pretrained": "/no/such/model"}, "model.pretrained='/no/such/model' is no local folder"),
 ])
 def test_bad_hf_models_are_one_line_config_errors(model, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         build(validate({"model": model}).model, 20)
     assert "\n" not in str(e.value)
+
+
+def test_a_sweep_with_a_bad_hf_model_stops_before_ray(in_tmp, capsys):
+    from rayexp.sweep.__main__ import main
+
+    assert main(["model.kind=hf", "model.hf.config=gpt2", "model.hf.n_embed=8"]) == 2
+    err = capsys.readouterr().err
+    assert "model.hf.n_embed: not a field of GPT2Config" in err and err.count("\n") == 1
 
 
 def _train_cli(tmp, *args):

@@ -19,6 +19,9 @@ where x == pad_id are masked out of attention, so padding does not change a clas
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,10 +67,18 @@ def _linear_from_conv1d(model: nn.Module) -> None:
                 setattr(parent, name, lin)
 
 
-def _random_config(model_cfg, vocab_size: int, block: int, n_classes, pad_id):
-    """The transformers config of ``model.hf``: its model type's defaults, then rayexp's, then its own fields."""
-    from transformers import CONFIG_MAPPING, AutoConfig
-
+def check(model_cfg):
+    """Raise ConfigError unless transformers imports and ``model.hf`` names a model type and fields of its config
+    (or ``model.pretrained`` is a folder, or a hub name with the hub on); returns the type's default config."""
+    try:
+        from transformers import CONFIG_MAPPING, AutoConfig
+    except ImportError:
+        raise ConfigError("model.kind=hf needs transformers: pip install 'rayexp[hf]'") from None
+    if model_cfg.pretrained:
+        if not Path(model_cfg.pretrained).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ConfigError(f"model.pretrained={model_cfg.pretrained!r} is no local folder and the hub is off "
+                              f"(HF_HUB_OFFLINE=1)")
+        return None
     name, fields = model_cfg.hf.config, model_cfg.hf.fields()
     if name not in CONFIG_MAPPING:
         raise ConfigError(f"model.hf.config={name!r} is not a transformers model type; e.g. gpt2, roberta, bert, "
@@ -78,6 +89,14 @@ def _random_config(model_cfg, vocab_size: int, block: int, n_classes, pad_id):
     if bad:
         raise ConfigError(f"model.hf.{bad[0]}: not a field of {type(base).__name__}; allowed: "
                           f"{', '.join(sorted(k for k in base.to_dict() if not k.startswith('_')))}")
+    return base
+
+
+def _random_config(model_cfg, vocab_size: int, block: int, n_classes, pad_id):
+    """The transformers config of ``model.hf``: its model type's defaults, then rayexp's, then its own fields."""
+    from transformers import AutoConfig
+
+    base, name, fields = check(model_cfg), model_cfg.hf.config, model_cfg.hf.fields()
     ours = {"vocab_size": vocab_size, **_dropouts(base, model_cfg.dropout)}
     if pad_id is not None:
         ours["pad_token_id"] = pad_id
@@ -123,10 +142,7 @@ def _pretrained(model_cfg, vocab_size: int, n_classes, attn: str) -> nn.Module:
 def build(model_cfg, vocab_size: int, block: int, n_classes: int | None = None, pad_id: int | None = None) -> HFModel:
     """The ``HFModel`` ``model_cfg`` (kind hf) describes, for data of ``vocab_size`` tokens and ``n_classes`` labels
     padded with ``pad_id``."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ConfigError("model.kind=hf needs transformers: pip install 'rayexp[hf]'") from None
+    check(model_cfg)
     head = model_cfg.hf.head
     if head == "sequence_classification" and not n_classes:
         raise ConfigError("model.hf.head=sequence_classification needs labelled data (glue:NAME or data.label_column)")
