@@ -284,3 +284,36 @@ def test_two_gloo_workers_train_an_hf_classifier_like_one_worker_with_doubled_ba
         for g, w in zip(got, want):
             for a, b in zip(g[1:], w[1:]):
                 assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-5), (g, w)
+
+
+# -- sweeps -------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_sweep_of_hf_gpt2_on_a_clrs_task_logs_accuracy_to_mlflow(in_tmp):
+    """Real Ray Tune + MLflow: two lr trials of an HF GPT-2 on task:minimum, optimizing val_accuracy."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from rayexp.spaces import load_sweep
+    from rayexp.sweep.tune import run_sweep
+
+    (in_tmp / "s.yaml").write_text(f"""name: hfsweep
+model: {{kind: hf, hf: {{config: gpt2, n_layer: 1, n_embd: 32, n_head: 2}}, block_size: 16}}
+data: {{corpus: "task:minimum", task_nodes: 5, task_examples: 400, cache_dir: {in_tmp}/cache}}
+train: {{steps: 20, eval_every: 10, eval_batches: 2, log_every: 5, warmup: 2, batch_size: 8, log_block_grad_norms: false}}
+optimizer: {{name: adamw, lr: {{grid: [1.0e-3, 3.0e-3]}}}}
+seeds: [0]
+search: {{algorithm: grid, metric: val_accuracy, mode: max}}
+output_dir: {in_tmp}/out
+""")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = run_sweep(load_sweep(in_tmp / "s.yaml"), quiet=True)
+    finally:
+        ray.shutdown()
+    assert out.errors == 0
+    client = MlflowClient(out.state.uri)
+    exp = client.get_experiment_by_name("hfsweep")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`rayexp.kind` = 'trial'")
+    assert len(runs) == 2 and {r.data.tags["rayexp.status"] for r in runs} == {"finished"}
+    for r in runs:
+        hist = client.get_metric_history(r.info.run_id, "val_accuracy")
+        assert [m.step for m in hist] == [0, 10, 20] and all(0.0 <= m.value <= 1.0 for m in hist)
