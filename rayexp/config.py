@@ -79,6 +79,13 @@ class ModelConfig(_Strict):
     # never occur in the data; an unpadded 50257-wide head costs ~20 ms/step on an H100 (benchmarks/).
     vocab_multiple: int = Field(64, ge=1)
 
+    def describe(self) -> str:
+        """A short name: the preset, ``hf:TYPE`` / ``hf:PATH`` (plus a classifier head), or the kind."""
+        if self.kind == "hf":
+            head = "" if self.hf.head == "causal_lm" else f" {self.hf.head}"
+            return f"hf:{self.pretrained or self.hf.config}{head}"
+        return self.preset if self.kind == "gpt2" and self.preset else self.kind
+
 
 class DataConfig(_Strict):
     """``corpus`` and ``tokenizer`` (CORPORA, TOKENIZERS). A parquet/csv/hf corpus with ``label_column`` set,

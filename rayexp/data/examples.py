@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from rayexp.config import GLUE_TASKS, IGNORE_INDEX, ConfigError
+from rayexp.config import DATA_METRICS, GLUE_TASKS, IGNORE_INDEX, ConfigError
 from rayexp.data import corpora, tasks
 from rayexp.data.tokenizers import Tokenizer, get_tokenizer
 
@@ -36,7 +36,7 @@ class ExampleData:
     n_classes: Optional[int]
     tokenizer: str
     corpus: str
-    metrics: tuple = ("accuracy",)
+    metrics: tuple = DATA_METRICS
     pad_id: Optional[int] = None  # the x value of padding (masked out of a classifier's attention)
 
     def count(self, split: str, block_size: int) -> int:

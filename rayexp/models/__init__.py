@@ -32,3 +32,4 @@ def block_size(model_cfg: ModelConfig) -> int:
     if model_cfg.block_size is not None:
         return model_cfg.block_size
     return PRESETS[model_cfg.preset or "gpt2-tiny"]["block_size"]
+

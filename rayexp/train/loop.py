@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from rayexp.config import IGNORE_INDEX, ConfigError, Experiment
+from rayexp.data.examples import ExampleData
 from rayexp.models import block_size, build
 from rayexp.train.checkpoint import prune, restore, save_checkpoint, unwrap
 
@@ -91,7 +92,7 @@ def _batch(data, split: str, idx: torch.Tensor, block: int, device) -> tuple[tor
 def _eval_indices(data, count: int, block: int) -> torch.Tensor:
     """The fixed validation draws: random windows (one seed for every run) of a token stream; the first
     ``count`` validation examples (cycled) of an example dataset."""
-    if data.metrics:
+    if isinstance(data, ExampleData):
         return torch.arange(count) % data.count("val", block)
     return _step_indices(data.count("val", block), count, EVAL_SEED, 0)
 
@@ -137,7 +138,7 @@ def _block_grad_norms(model: nn.Module) -> dict:
 
 def _check_data_fits(data, exp: Experiment) -> None:
     block, bs = block_size(exp.model), exp.train.batch_size
-    if data.metrics:  # examples: any count ≥ 1 works (draws repeat)
+    if isinstance(data, ExampleData):  # any number of examples ≥ 1 works (draws repeat)
         return
     if len(data.train) <= block + 1 or len(data.val) <= block + 1:
         raise ConfigError(f"data.corpus {data.corpus!r} has {len(data.train)} train / {len(data.val)} val tokens, "
