@@ -317,3 +317,23 @@ output_dir: {in_tmp}/out
     for r in runs:
         hist = client.get_metric_history(r.info.run_id, "val_accuracy")
         assert [m.step for m in hist] == [0, 10, 20] and all(0.0 <= m.value <= 1.0 for m in hist)
+
+
+@pytest.mark.slow
+def test_every_hessian_task_runs_on_an_hf_model(tmp_path):
+    """All of HESSIAN_TASKS through the CLI on the HF GPT-2 checkpoint: finite metrics, and Hutchinson's trace
+    within 4 standard errors of the dense Hessian's trace."""
+    from rayexp.config import HESSIAN_TASKS
+    from rayexp.hessian.analyze import fixed_batches
+    from rayexp.hessian.__main__ import main
+
+    path = _hessian_case(tmp_path, "gpt2")
+    assert main(["--checkpoint", path, "--tasks", ",".join(HESSIAN_TASKS), "--out", str(tmp_path / "all"),
+                 "--no-progress", "top_eigs_steps=10", "slq_steps=8", "hutchinson_probes=40", "cauchy_vectors=8",
+                 "curvature_steps=4", "blocks=[hf.transformer.h.0.attn.c_attn.weight.*]"]) == 0
+    z = np.load(tmp_path / "all" / "hessian.npz")
+    metrics = dict(zip(z["metric_names"], z["metric_values"]))
+    assert np.isfinite(list(metrics.values())).all() and {"l11", "js_heterogeneity", "lambda_max"} <= set(metrics)
+    model, exp, _ = load_model(path, attention="naive", dropout=0.0)
+    trace = float(torch.trace(_dense_hessian(model, fixed_batches(exp, exp.hessian))))
+    assert abs(metrics["hutchinson_trace"] - trace) <= 4 * metrics["hutchinson_trace_se"], (metrics["hutchinson_trace"], trace)
