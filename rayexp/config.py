@@ -22,7 +22,8 @@ DATA_TASKS = ("bfs", "dfs", "heapsort", "minimum", "binary_search", "bubble_sort
               "insertion_sort")  # data.corpus task:NAME, CLRS-text (rayexp.data.tasks)
 CORPORA = ("builtin", "text:PATH", "parquet:PATH", "csv:PATH", "hf:NAME[:CONFIG]", "glue:NAME") + tuple(
     f"task:{t}" for t in DATA_TASKS)
-TOKENIZERS = ("bytes", "gpt2", "hf:PATH")  # hf:PATH: a transformers tokenizer (local folder, or hub name online)
+# hf:PATH: a transformers tokenizer (local folder, or hub name online); pretrained: hf:<model.pretrained>
+TOKENIZERS = ("bytes", "gpt2", "pretrained", "hf:PATH")
 # glue:NAME → (text column, paired text column or None); stsb (regression) is not a classification task
 GLUE_TASKS = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
               "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
@@ -384,6 +385,10 @@ class Experiment(_Strict):
         m = self.model
         if m.kind == "gpt2" and m.preset is None and None in (m.n_layer, m.n_head, m.n_embd, m.block_size):
             raise ValueError("model: give a preset or all of n_layer, n_head, n_embd, block_size")
+        if self.data.tokenizer == "pretrained":
+            if not m.pretrained:
+                raise ValueError("data.tokenizer=pretrained needs model.pretrained (a model folder with its tokenizer)")
+            self.data.tokenizer = f"hf:{m.pretrained}"
         _check_model_data(m, self.data)
         if self.train.warmup > self.train.steps:  # clamped, not refused (SweepSpec.notes says so)
             self.train.warmup = self.train.steps

@@ -202,6 +202,7 @@ def test_glue_offline_is_one_clear_line(monkeypatch):
     ({"data": {"corpus": "task:quicksort"}}, "unknown task 'task:quicksort'; allowed: task:bfs"),
     ({"data": {"corpus": "glue:stsb"}}, "unknown GLUE task"),
     ({"data": {"tokenizer": "hf:"}}, "data.tokenizer"),
+    ({"data": {"tokenizer": "pretrained"}}, "data.tokenizer=pretrained needs model.pretrained"),
     ({"data": {"corpus": "glue:rte"}}, "needs model.kind=hf with model.hf.head=sequence_classification"),
     ({"model": {"kind": "hf", "hf": {"config": "gpt2", "head": "sequence_classification"}}}, "needs labelled data"),
     ({"model": {"kind": "hf"}}, "give exactly one of model.hf.config"),

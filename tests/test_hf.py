@@ -94,6 +94,11 @@ def test_a_local_pretrained_folder_loads_its_weights(tmp_path):
     assert m.hf.config.resid_pdrop == 0.0  # dropout off by default, also for a pretrained config
     with pytest.raises(ConfigError, match="smaller than the data's 40"):
         build(validate({"model": {"kind": "hf", "pretrained": str(tmp_path / "pre")}}).model, 40)
+    tiny_tokenizer(tmp_path / "pre", WORDS)  # the folder's own tokenizer: data.tokenizer=pretrained
+    exp = validate({"model": {"kind": "hf", "pretrained": str(tmp_path / "pre")}, "data": {"tokenizer": "pretrained"}})
+    assert exp.data.tokenizer == f"hf:{tmp_path / 'pre'}"
+    from rayexp.data import get_tokenizer
+    assert get_tokenizer(exp.data.tokenizer).vocab_size == 4 + 2 * len(WORDS)
 
 
 @pytest.mark.parametrize("model, needle", [
