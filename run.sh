@@ -19,7 +19,7 @@ if [ ! -f "$STAMP" ]; then
   pip_install --upgrade pip
   # torch pinned: 2.13.0 is the CPU wheel on this project's machines; an unpinned torch may pull CUDA builds.
   pip_install "torch==2.13.0"
-  pip_install -e ".[dev,deepspeed,jax]"  # CI runs the jax backend's tests too
+  pip_install -e ".[dev,deepspeed,jax,hf,vision]"  # CI runs the jax backend's, HF models' and vision models' tests too
   rm -f "$VENV"/.rayexp-installed-*
   touch "$STAMP"
 fi

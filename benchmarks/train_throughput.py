@@ -144,16 +144,18 @@ def unpadded_step(vocab: int, step_fn):
 
 def loop_data_step(vocab: int, n_tokens: int = 10_000_000):
     """loop_sync_step on a fresh batch per step drawn as run_training draws it (``_step_indices`` +
-    ``_windows``: 12 numpy slices of a uint16 token array, stacked, int64, copied to the GPU)."""
+    ``_batch``: 12 numpy slices of a uint16 token array, stacked, int64, copied to the GPU)."""
     import numpy as np
-    from rayexp.train.loop import _step_indices, _windows
+    from rayexp.data import TokenData
+    from rayexp.train.loop import _batch, _step_indices
     toks = np.random.default_rng(0).integers(0, vocab, n_tokens).astype(np.uint16)
+    data = TokenData(toks, toks, vocab, "random", "random", False)
     count = {"step": 0}
 
     def step(model, optimizer, X, Y, ctx):
         count["step"] += 1
-        starts = _step_indices(len(toks), X.shape[1], X.shape[0], 0, count["step"])
-        x, y = _windows(toks, starts, X.shape[1], X.device)
+        starts = _step_indices(data.count("train", X.shape[1]), X.shape[0], 0, count["step"])
+        x, y = _batch(data, "train", starts, X.shape[1], X.device)
         return loop_sync_step(model, optimizer, x, y, ctx)
     return step
 

@@ -21,18 +21,28 @@ ROTATION_SCOPES = ("both", "output", "input")
 ROTATION_INITS = ("native", "rotated")  # rotation.init: θ₀ as built, or θ₀ = Rᵀ θ_init (seed 000: φ₀ = θ_init)  # per_tensor/eigenbasis: U W Vᵀ, U W, or W Vᵀ
 DECAY_SCOPES = ("matrices", "all")  # optimizer.decay: tensors with >= 2 dims (nanoGPT), or every parameter
 DEVICES = ("auto", "cpu", "cuda")
-DATA_TASKS = ("bfs", "dfs")  # data.corpus task:NAME (rayexp.data.tasks)
+DATA_TASKS = ("bfs", "dfs", "heapsort", "minimum", "binary_search", "bubble_sort",
+              "insertion_sort")  # data.corpus task:NAME, CLRS-text (rayexp.data.tasks)
 IMAGE_TASKS = ("images",)  # data.corpus task:images: synthetic image classification (rayexp.data.images)
-CORPORA = (("builtin", "text:PATH", "parquet:PATH", "hf:NAME[:CONFIG]", "images:PATH")
-           + tuple(f"task:{t}" for t in DATA_TASKS + IMAGE_TASKS))
+CORPORA = ("builtin", "text:PATH", "parquet:PATH", "csv:PATH", "hf:NAME[:CONFIG]", "glue:NAME", "images:PATH") + tuple(
+    f"task:{t}" for t in DATA_TASKS + IMAGE_TASKS)
+# hf:PATH: a transformers tokenizer (local folder, or hub name online); pretrained: hf:<model.pretrained>
+TOKENIZERS = ("bytes", "gpt2", "pretrained", "hf:PATH")
+# glue:NAME → (text column, paired text column or None); stsb (regression) is not a classification task
+GLUE_TASKS = {"cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+              "qqp": ("question1", "question2"), "mnli": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
+              "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}
+HF_HEADS = ("causal_lm", "sequence_classification")  # model.hf.head
+DATA_METRICS = ("accuracy",)  # what an example dataset can name, logged as val_<metric> (rayexp.train.loop)
+IGNORE_INDEX = -100  # a target not scored (prompt, padding): torch's cross_entropy default ignore_index
 VISION_KINDS = ("resnet18", "resnet34", "resnet50", "vgg16", "densenet121", "vit_b16")  # rayexp.models.vision
-MODEL_KINDS = ("gpt2", "cnn", "mlp") + VISION_KINDS
+MODEL_KINDS = ("gpt2", "cnn", "mlp", "hf") + VISION_KINDS
 NORMS = ("pre", "post")  # GPT-2 LayerNorm placement (docs/methods.md "GPT-2")
 STEMS = ("imagenet", "cifar")  # ResNet stem: 7×7/2 conv + max-pool, or 3×3/1 conv without pool
 HESSIAN_BACKENDS = ("torch", "jax")  # who computes Hessian-vector products (docs/methods.md "Backends")
 HESSIAN_TASKS = ("top_eigs", "slq", "slq_blocks", "trace", "diag", "l11", "frobenius", "block_curvature",
                  "grad_heterogeneity")
-METRICS = ("val_loss", "train_loss")  # what a sweep can optimize
+METRICS = ("val_loss", "train_loss") + tuple(f"val_{m}" for m in DATA_METRICS)  # what a sweep can optimize
 MADA_COEFS = ("beta1", "beta2", "beta3", "rho", "c", "gamma")
 # seed 004's behaviours that optimizer.mada.seed_quirks can switch on (docs/methods.md, "MADA, seed 004"):
 # g_prev_zero: g_prev is always 0; first_micro_batch: the hypergradient comes from the first micro-batch of
@@ -51,14 +61,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class HFConfig(BaseModel):
+    """``model.kind: hf``: a transformers model (rayexp.models.hf). ``config``: a model type (``gpt2``,
+    ``roberta``, ...) built with random weights from its config class, offline; every other key sets a field of
+    that config (``n_layer: 2``, ``hidden_size: 64``); ``head``: ``causal_lm`` or ``sequence_classification``."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    config: Optional[str] = None
+    head: Literal[HF_HEADS] = "causal_lm"  # type: ignore[valid-type]
+
+    def fields(self) -> dict:
+        """The transformers config fields this section sets."""
+        return dict(self.model_extra or {})
+
+
 class ModelConfig(_Strict):
-    """What ``rayexp.models.build`` makes. ``preset`` sizes gpt2/cnn/mlp; vision kinds (VISION_KINDS) use
+    """What ``rayexp.models.build`` makes. ``preset`` sizes gpt2/cnn/mlp; ``hf`` a transformers model (``hf``, ``pretrained``); vision kinds (VISION_KINDS) use
     torchvision's sizes, with ``n_layer``/``n_head``/``n_embd`` (MLP 4·n_embd) overriding ViT-B's,
     ``image_size``/``patch_size`` the ViT input, ``stem``/``width`` the ResNet stem and base width (64:
-    torchvision's), and ``pretrained`` a local torchvision-format state_dict (docs/methods.md "Vision models").
+    torchvision's), and ``pretrained`` a local torchvision-format state_dict or HF model folder (docs/methods.md "Vision models").
     """
     kind: Literal[MODEL_KINDS] = "gpt2"  # type: ignore[valid-type]
     norm: Literal[NORMS] = "pre"  # type: ignore[valid-type]
+    hf: HFConfig = Field(default_factory=HFConfig)
+    pretrained: Optional[str] = None  # kind hf: a local model folder (or a hub name when online); vision: a state_dict
     preset: Optional[Literal[PRESETS]] = "gpt2-tiny"
     n_layer: Optional[int] = Field(None, ge=1)
     n_head: Optional[int] = Field(None, ge=1)
@@ -78,18 +103,48 @@ class ModelConfig(_Strict):
     patch_size: int = Field(16, ge=1)
     stem: Literal[STEMS] = "imagenet"  # type: ignore[valid-type]
     width: int = Field(64, ge=1)
-    pretrained: Optional[str] = None
+
+    def describe(self) -> str:
+        """A short name: the preset, ``hf:TYPE`` / ``hf:PATH`` (plus a classifier head), or the kind."""
+        if self.kind == "hf":
+            head = "" if self.hf.head == "causal_lm" else f" {self.hf.head}"
+            return f"hf:{self.pretrained or self.hf.config}{head}"
+        return self.preset if self.kind == "gpt2" and self.preset else self.kind
 
 
 class DataConfig(_Strict):
+    """``corpus`` and ``tokenizer`` (CORPORA, TOKENIZERS). A parquet/csv/hf corpus with ``label_column`` set,
+    and every ``glue:NAME``, is text classification (one example a row: ``text_column`` or, when absent,
+    ``sentence1``/``sentence2``, plus ``text_pair_column`` if set); ``task:NAME`` is a CLRS-text task of
+    ``task_examples`` examples of size ``task_nodes`` (rayexp.data.tasks)."""
     corpus: str = "builtin"
-    tokenizer: Literal["bytes", "gpt2"] = "bytes"
+    tokenizer: str = "bytes"
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: Optional[str] = None
     cache_dir: Optional[str] = None  # None: ./.rayexp_cache
-    task_nodes: int = Field(8, ge=2, le=200)  # task:bfs|dfs graph size
-    task_examples: int = Field(20000, ge=1)
+    task_nodes: int = Field(8, ge=2, le=200)  # task:NAME graph size / array length
+    task_examples: int = Field(20000, ge=2)
     task_seed: int = 0
+    task_classes: int = Field(10, ge=2)  # task:images classes
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v: str) -> str:
+        if v not in TOKENIZERS[:-1] and not (v.startswith("hf:") and v[3:]):
+            raise ValueError(f"unknown tokenizer {v!r}; allowed: {', '.join(TOKENIZERS)}")
+        return v
+
+    @property
+    def images(self) -> bool:
+        """True for image classification data: images:PATH (images:hf:NAME for a hub dataset) or task:images."""
+        return self.corpus.startswith("images:") or self.corpus == "task:images"
+
+    @property
+    def classification(self) -> bool:
+        """True when the corpus is labelled text (glue:NAME, or label_column set)."""
+        return self.corpus.startswith("glue:") or self.label_column is not None
 
     @field_validator("corpus")
     @classmethod
@@ -99,6 +154,10 @@ class DataConfig(_Strict):
             raise ValueError(f"unknown corpus {v!r}; allowed: {', '.join(CORPORA)}")
         if head != "builtin" and v != "builtin" and not v.split(":", 1)[1]:
             raise ValueError(f"corpus {v!r} needs a value after '{head}:'")
+        if head == "task" and v[5:] not in DATA_TASKS + IMAGE_TASKS:
+            raise ValueError(f"unknown task {v!r}; allowed: {', '.join('task:' + t for t in DATA_TASKS + IMAGE_TASKS)}")
+        if head == "glue" and v[5:] not in GLUE_TASKS:
+            raise ValueError(f"unknown GLUE task {v!r}; allowed: {', '.join('glue:' + t for t in GLUE_TASKS)}")
         return v
 
 
@@ -436,6 +495,11 @@ class Experiment(_Strict):
             raise ValueError("optimizer.mada.seed_quirks: seed 004 has no grad_accum=1 run to reproduce (it steps "
                              "the coefficients twice and crashes: train_ddp.py:376, gdtuo.py:294); set "
                              "train.grad_accum >= 2 or drop the quirks (optimizer.mada.seed_quirks=[])")
+        if self.data.tokenizer == "pretrained":
+            if not m.pretrained:
+                raise ValueError("data.tokenizer=pretrained needs model.pretrained (a model folder with its tokenizer)")
+            self.data.tokenizer = f"hf:{m.pretrained}"
+        _check_model_data(m, self.data)
         if self.train.warmup > self.train.steps:  # clamped, not refused (SweepSpec.notes says so)
             self.train.warmup = self.train.steps
         return self
@@ -445,6 +509,29 @@ class Experiment(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_model_data(m: ModelConfig, d: DataConfig) -> None:
+    """Model and data must fit: an hf model names its source; a classifier head needs labelled data and
+    labelled data a classifier; masked targets (tasks, classification) need the full loss."""
+    if m.kind == "hf" and (m.hf.config is None) == (m.pretrained is None):
+        raise ValueError("model.kind=hf: give exactly one of model.hf.config (a transformers model type, random "
+                         "init) or model.pretrained (a model folder)")
+    vision = m.kind in VISION_KINDS
+    if vision and d.corpus.startswith("hf:"):
+        d.corpus = f"images:{d.corpus}"  # a hub dataset read as images (rayexp.data.images)
+    if vision != d.images:
+        need = "image data: images:PATH, hf:NAME or task:images" if vision else f"a vision model.kind ({', '.join(VISION_KINDS)})"
+        raise ValueError(f"data.corpus={d.corpus!r} with model.kind={m.kind}: needs {need}")
+    if vision:
+        return
+    classifier = m.kind == "hf" and m.hf.head == "sequence_classification"
+    if classifier != d.classification:
+        need = ("labelled data: glue:NAME or data.label_column" if classifier else
+                "model.kind=hf with model.hf.head=sequence_classification")
+        raise ValueError(f"data.corpus={d.corpus!r} with model.kind={m.kind}: needs {need}")
+    if m.loss == "chunked" and (d.classification or d.corpus.startswith("task:")):
+        raise ValueError(f"model.loss=chunked cannot skip ignored targets of data.corpus={d.corpus!r}; allowed: full")
 
 
 class SweepConfig(Experiment):

@@ -217,7 +217,8 @@ class SweepSpec:
 
 
 def _absolute_paths(raw: dict, cwd: Path) -> dict:
-    """``raw`` with the data cache, text/parquet corpora and output_dir made absolute against ``cwd``."""
+    """``raw`` with the data cache, text/parquet/csv corpora, output_dir, and an ``hf:PATH`` tokenizer or
+    ``model.pretrained`` that is a local folder made absolute against ``cwd``."""
     raw = copy.deepcopy(raw)
     data = raw.setdefault("data", {})
     if not isinstance(data, dict):
@@ -225,9 +226,15 @@ def _absolute_paths(raw: dict, cwd: Path) -> dict:
     if isinstance(data.get("cache_dir"), (str, type(None))):
         data["cache_dir"] = str((cwd / (data.get("cache_dir") or ".rayexp_cache")).resolve())
     corpus = data.get("corpus", "builtin")
-    if isinstance(corpus, str) and corpus.split(":", 1)[0] in ("text", "parquet"):
+    if isinstance(corpus, str) and corpus.split(":", 1)[0] in ("text", "parquet", "csv"):
         kind, path = corpus.split(":", 1)
         data["corpus"] = f"{kind}:{(cwd / path).resolve()}"
+    tok = data.get("tokenizer")
+    if isinstance(tok, str) and tok.startswith("hf:") and (cwd / tok[3:]).exists():
+        data["tokenizer"] = f"hf:{(cwd / tok[3:]).resolve()}"
+    model = raw.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrained"), str) and (cwd / model["pretrained"]).exists():
+        model["pretrained"] = str((cwd / model["pretrained"]).resolve())
     if isinstance(raw.get("output_dir", "out"), str):
         raw["output_dir"] = str((cwd / raw.get("output_dir", "out")).resolve())
     return raw

@@ -1,9 +1,14 @@
-"""Data: corpora and tasks tokenized once into cached memmaps, and deterministic batch sampling.
+"""Data: corpora tokenized once into cached memmaps, example datasets, and deterministic batch sampling.
 
-``load_tokens(data_cfg, block_size)`` tokenizes the corpus (or generates the task) into
+``load_data(data_cfg, block_size)`` is the one entry: a ``TokenData`` token stream (random windows) or an
+``ExampleData`` of fixed-size examples (rayexp.data.examples: CLRS-text tasks, labelled text). Both answer
+``count(split, block_size)`` (how many distinct draws a split has) and ``batch(split, idx, block_size)``
+(those draws as (x, y) tensors), which is all the train loop and the Hessian batches use.
+
+``load_tokens(data_cfg, block_size)`` tokenizes the corpus into
 ``<cache_dir>/<key>/tokens.bin`` (uint16 when the vocabulary fits, else uint32) with ``meta.json``.
 The key hashes what determines the tokens: the corpus, its content fingerprint (file paths, sizes,
-mtimes), the tokenizer (and any injected stand-in encoding), the text column, or the task parameters.
+mtimes), the tokenizer (and any injected stand-in encoding) and the text column.
 A second call maps the file and tokenizes nothing (``TokenData.from_cache``). The split is made at
 load time: the last ``val_fraction`` of the stream is validation, so changing ``val_fraction`` reuses
 the cache. Writes are atomic (temp dir + rename), so concurrent trials never read a half-written cache.
@@ -22,10 +27,11 @@ import numpy as np
 import torch
 
 from rayexp.config import ConfigError
-from rayexp.data import corpora, tasks
+from rayexp.data import corpora, tasks  # noqa: F401
+from rayexp.data.examples import ExampleData, load_classification, load_task
 from rayexp.data.tokenizers import get_tokenizer, identity, use_encoding  # noqa: F401
 
-CACHE_VERSION = 2  # bump when tokenization or task generation changes
+CACHE_VERSION = 3  # bump when tokenization changes
 
 
 @dataclass
@@ -37,17 +43,54 @@ class TokenData:
     tokenizer: str
     corpus: str
     from_cache: bool
+    metrics: tuple = ()  # a token stream logs its loss only
+    n_classes = None  # no labels
+    pad_id = None  # no padding
+
+    def count(self, split: str, block_size: int) -> int:
+        """Number of window starts in ``split``: 0 .. len - block_size - 2."""
+        return len(self.train if split == "train" else self.val) - block_size - 1
+
+    def batch(self, split: str, idx: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows starting at ``idx``: x = tokens[s:s+T], y = tokens[s+1:s+T+1] (int64)."""
+        tokens = self.train if split == "train" else self.val
+        rows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in idx.tolist()]).astype(np.int64))
+        return rows[:, :-1], rows[:, 1:]
+
+
+def load_data(cfg, block_size: int) -> "TokenData | ExampleData":
+    """The data ``cfg`` (a ``DataConfig``) describes: the one dispatch on corpus kinds."""
+    kind = cfg.corpus.partition(":")[0]
+    if cfg.images:
+        return load_image_data(cfg, block_size)
+    if kind == "task":
+        return load_task(cfg, block_size)
+    if cfg.classification:
+        return load_classification(cfg, block_size)
+    return load_tokens(cfg, block_size)
+
+
+def load_image_data(cfg, image_size: int) -> ExampleData:
+    """Image classification examples of ``cfg`` at ``image_size``² (rayexp.data.images) as ExampleData."""
+    from rayexp.data.images import load_images
+    source = cfg.corpus[len("images:"):] if cfg.corpus.startswith("images:hf:") else cfg.corpus
+    a = load_images(source, cfg.task_seed, cfg.val_fraction, image_size, cfg.task_examples, cfg.task_classes)
+    return ExampleData(a.train_x, a.train_y, a.val_x, a.val_y, vocab_size=0, n_classes=a.n_classes,
+                       tokenizer="none", corpus=cfg.corpus)
+
+
+def draw(data, split: str, block_size: int, batch_size: int, generator: torch.Generator):
+    """``batch_size`` random draws (windows or examples) of ``split``, from ``generator``."""
+    return data.batch(split, torch.randint(data.count(split, block_size), (batch_size,), generator=generator),
+                      block_size)
 
 
 def _spec(cfg) -> dict:
     kind = cfg.corpus.partition(":")[0]
     spec = {"v": CACHE_VERSION, "corpus": cfg.corpus}
-    if kind == "task":
-        spec.update(task_nodes=cfg.task_nodes, task_examples=cfg.task_examples, task_seed=cfg.task_seed)
-    else:
-        spec.update(tokenizer=identity(cfg.tokenizer), fingerprint=corpora.fingerprint(cfg.corpus))
-        if kind in ("parquet", "hf"):
-            spec["column"] = cfg.text_column
+    spec.update(tokenizer=identity(cfg.tokenizer), fingerprint=corpora.fingerprint(cfg.corpus))
+    if kind in ("parquet", "csv", "hf"):
+        spec["column"] = cfg.text_column
     return spec
 
 
@@ -58,12 +101,6 @@ def cache_dir(cfg, spec: dict | None = None) -> Path:
 
 
 def _tokenize(cfg, out: Path) -> dict:
-    kind, _, arg = cfg.corpus.partition(":")
-    if kind == "task":
-        stream = tasks.generate(arg, cfg.task_nodes, cfg.task_examples, cfg.task_seed)
-        stream.tofile(out / "tokens.bin")
-        return {"n": len(stream), "vocab_size": tasks.vocab_size(cfg.task_nodes), "dtype": "uint16",
-                "tokenizer": f"task:{arg}"}
     tok = get_tokenizer(cfg.tokenizer)
     n, batch = 0, []
     with open(out / "tokens.bin", "wb") as f:
@@ -82,7 +119,7 @@ def _tokenize(cfg, out: Path) -> dict:
 
 
 def load_tokens(cfg, block_size: int) -> TokenData:
-    """Train/val token arrays of ``cfg`` (a ``DataConfig``), tokenizing only on the first call."""
+    """Train/val token arrays of ``cfg`` (a ``DataConfig`` of a text corpus), tokenizing only on the first call."""
     spec = _spec(cfg)
     final = cache_dir(cfg, spec)
     from_cache = (final / "meta.json").is_file()
@@ -115,8 +152,7 @@ def load_tokens(cfg, block_size: int) -> TokenData:
 
 
 def sample_batch(tokens: np.ndarray, block_size: int, batch_size: int, generator: torch.Generator):
-    """``batch_size`` random windows: ``x = tokens[s:s+T]``, ``y = tokens[s+1:s+T+1]`` (int64), with
-    starts ``s ~ U{0, ..., len(tokens)-T-2}`` drawn from ``generator`` (the train loop's convention)."""
-    starts = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=generator).tolist()
-    rows = torch.from_numpy(np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64))
-    return rows[:, :-1], rows[:, 1:]
+    """``batch_size`` random windows of a token array: ``x = tokens[s:s+T]``, ``y = tokens[s+1:s+T+1]`` (int64),
+    starts ``s ~ U{0, ..., len(tokens)-T-2}`` drawn from ``generator`` (``draw`` on a bare array)."""
+    data = TokenData(tokens, tokens, 0, "", "", False)
+    return draw(data, "train", block_size, batch_size, generator)

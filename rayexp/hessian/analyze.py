@@ -41,16 +41,17 @@ def analyze(model: torch.nn.Module, batches: Sequence, hessian_cfg: HessianConfi
 # -- checkpoints -------------------------------------------------------------------------------------
 def fixed_batches(exp, hessian_cfg: HessianConfig, data=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``hessian.batches`` training batches of ``hessian.batch_size`` (default ``train.batch_size``) drawn
-    from ``exp``'s corpus with a generator keyed by ``hessian.seed``: the same fixed batches every time."""
-    from rayexp.data import load_tokens, sample_batch
+    from ``exp``'s data (windows or examples) with a generator keyed by ``hessian.seed``: the same fixed
+    batches every time."""
+    from rayexp.data import draw, load_data
     from rayexp.hessian.probes import generator
     from rayexp.models import block_size
 
     block = block_size(exp.model)
-    data = data if data is not None else load_tokens(exp.data, block)
+    data = data if data is not None else load_data(exp.data, block)
     g = generator(hessian_cfg.seed, "batches", 0)
     bs = hessian_cfg.batch_size or exp.train.batch_size
-    return [sample_batch(data.train, block, bs, g) for _ in range(hessian_cfg.batches)]
+    return [draw(data, "train", block, bs, g) for _ in range(hessian_cfg.batches)]
 
 
 def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, out_dir: Optional[str] = None,

@@ -43,11 +43,12 @@ def measure(kind: str, steps: int, probes: int, lanczos_steps: int, workdir: str
     if res is not None:
         model, exp2, _ = load_model(res.checkpoint_dir, attention="naive", dropout=0.0)
     else:  # --steps 0: the model at initialization (JS₀ of the paper is measured there)
-        from rayexp.data import load_tokens
-        from rayexp.models import build
+        from rayexp.data import load_data
+        from rayexp.models import block_size, build
         import torch
         torch.manual_seed(exp.seed)
-        model, exp2 = build(exp.model, load_tokens(exp.data, 64).vocab_size), exp
+        data = load_data(exp.data, block_size(exp.model))
+        model, exp2 = build(exp.model, data.vocab_size, data.n_classes, data.pad_id), exp
     train_s = time.perf_counter() - t0
     op = Operator(HVP(model, fixed_batches(exp2, exp2.hessian), mode="fwd_rev", dtype="fp64"))
     t0 = time.perf_counter()

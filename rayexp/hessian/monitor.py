@@ -63,11 +63,11 @@ class CurvatureMonitor:
 
     def _batch(self, data, device) -> tuple:
         if self.batch is None:
-            from rayexp.data import sample_batch
+            from rayexp.data import draw
             from rayexp.hessian.probes import generator
             from rayexp.models import block_size
             bs = self.cfg.batch_size or self.exp.train.batch_size
-            self.batch = sample_batch(data.train, block_size(self.exp.model), bs, generator(self.cfg.seed, "during", 0))
+            self.batch = draw(data, "train", block_size(self.exp.model), bs, generator(self.cfg.seed, "during", 0))
         return tuple(t.to(device) for t in self.batch)
 
     def __call__(self, step: int, model: torch.nn.Module, optimizer, data) -> dict:

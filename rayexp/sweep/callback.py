@@ -65,8 +65,8 @@ class SweepCallback(tune.Callback):
         rep = self._reporter(own)
         self._tag(rep, result)
         metrics = {k: v for k, v in result.items() if k in LOGGED or k.startswith(LOGGED_PREFIXES)}
-        if result.get("evaluated"):
-            metrics["val_loss"] = result["val_loss"]
+        if result.get("evaluated"):  # val_loss and, for example data, val_accuracy: logged where fresh
+            metrics.update({k: v for k, v in result.items() if k.startswith("val_")})
         if result.get("hessian"):  # curvature after training: the training summary stays as it was
             rep.log_metrics({k: v for k, v in metrics.items() if k.startswith("hessian/")}, int(result["step"]))
             self.open.setdefault(own.key, _Open(own, result, trial))

@@ -1,5 +1,6 @@
-"""Checks a sweep passes before Ray starts: its corpora can be read, its MLflow store answers, its output
-directory is writable. Each failure is one ConfigError line (the CLI exits 2)."""
+"""Checks a sweep passes before Ray starts: its corpora can be read, an hf model or tokenizer it names exists,
+its MLflow store answers, its output directory is writable. Each failure is one ConfigError line (the CLI
+exits 2)."""
 from __future__ import annotations
 
 import tempfile
@@ -28,9 +29,20 @@ def check_output_dir(path: str) -> None:
         raise ConfigError(f"output_dir={path}: not writable ({e.strerror or e})") from None
 
 
+def check_hf(exp) -> None:
+    """An hf model's type and fields, and an ``hf:PATH`` tokenizer, load (rayexp.models.hf.check)."""
+    if exp.model.kind == "hf":
+        from rayexp.models import hf
+        hf.check(exp.model)
+    if exp.data.tokenizer.startswith("hf:"):
+        from rayexp.data import get_tokenizer
+        get_tokenizer(exp.data.tokenizer)
+
+
 def preflight(spec: SweepSpec, timeout: float = 5.0) -> None:
     """Every check, cheapest first; raises ConfigError at the first failure."""
     for corpus in corpora_of(spec):
         corpora.check(corpus, timeout)
+    check_hf(spec.base)
     tracking.check_uri(tracking.resolve_uri(spec.base.tracking.uri), timeout)
     check_output_dir(spec.base.output_dir)

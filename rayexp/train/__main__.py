@@ -23,7 +23,8 @@ class ConsoleReporter:
 
     def report(self, step, metrics, checkpoint_dir=None):
         parts = [f"step {step:>5}/{self.total}"]
-        for key, fmt in (("train_loss", "train {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+        for key, fmt in (("train_loss", "train {:.4f}"), ("val_loss", "val {:.4f}"),
+                         ("val_accuracy", "acc {:.3f}"), ("lr", "lr {:.2e}"),
                          ("tokens_per_s", "{:,.0f} tok/s")):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
@@ -57,7 +58,7 @@ def resume_experiment(ckpt, overrides: list[str]):
         if key.split(".")[0] in FIXED_ON_RESUME and get_path(raw, key, object()) != value:
             raise ConfigError(f"--resume: {key}={value} would change the checkpoint's "
                               f"{key.split('.')[0]} ({own.optimizer.name} lr={own.optimizer.lr:g}, "
-                              f"{own.model.preset or own.model.kind}); start a new run for that")
+                              f"{own.model.describe()}); start a new run for that")
         set_path(raw, key, value)
     return validate(raw, f"{ckpt}/config.yaml")
 
@@ -117,7 +118,7 @@ def _run(exp, args) -> int:
     if not args.no_mlflow:
         key = hashlib.sha1((exp.to_yaml() + str(time.time())).encode()).hexdigest()[:16]
         mlf = tracking.MlflowReporter(exp.tracking.uri, exp.tracking.experiment or exp.name, exp, key)
-    print(f"rayexp.train: {exp.model.preset or exp.model.kind} | {exp.optimizer.name} lr={exp.optimizer.lr:g} | "
+    print(f"rayexp.train: {exp.model.describe()} | {exp.optimizer.name} lr={exp.optimizer.lr:g} | "
           f"{exp.data.corpus}/{exp.data.tokenizer} | {exp.train.steps} steps", flush=True)
     status = "failed"
     try:

@@ -172,7 +172,8 @@ def load_model(path, **model_overrides) -> tuple[nn.Module, Experiment, int]:
     if model_overrides:
         model_cfg = type(exp.model).model_validate({**exp.model.model_dump(), **model_overrides})
         exp = exp.model_copy(update={"model": model_cfg})
-    vocab_size = int(load_state(path)["vocab_size"])
-    model = build(exp.model, vocab_size)
+    state = load_state(path)
+    vocab_size = int(state["vocab_size"])
+    model = build(exp.model, vocab_size, state.get("n_classes"), state.get("pad_id"))
     model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
     return model, exp, vocab_size

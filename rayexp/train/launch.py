@@ -76,8 +76,9 @@ class TuneReporter:
     """Loop reporter inside a Tune trial or a Train worker: metrics (and checkpoints) to Ray.
 
     Every row carries ``extra`` (trial key, seed, node id, ...) plus ``step``, ``steps_total``,
-    ``progress`` (the scheduler's time axis: ``offset + step``) and the latest ``val_loss`` (so ASHA
-    compares like with like between evals); ``evaluated`` marks rows where val_loss is fresh.
+    ``progress`` (the scheduler's time axis: ``offset + step``) and the latest ``val_loss`` and other
+    ``val_*`` metrics (``val_accuracy``; so ASHA compares like with like between evals); ``evaluated`` marks
+    rows where they are fresh.
     """
 
     def __init__(self, exp: Experiment, report_fn: Callable, checkpoint_cls=None, extra: Optional[dict] = None,
@@ -85,15 +86,19 @@ class TuneReporter:
         self.exp, self.report_fn, self.last_val = exp, report_fn, last_val
         self.checkpoint_cls = checkpoint_cls or ray.tune.Checkpoint
         self.extra, self.offset = extra or {}, offset
+        self.last_evals: dict = {}  # val_* metrics other than val_loss, as of the latest eval
 
     def report(self, step: int, metrics: dict, checkpoint_dir: Optional[str] = None) -> bool:
         evaluated = "val_loss" in metrics
         if evaluated:
             self.last_val = metrics["val_loss"]
+            self.last_evals = {k: v for k, v in metrics.items() if k.startswith("val_") and k != "val_loss"}
         row = {**metrics, **self.extra, "step": step, "progress": self.offset + step, "evaluated": float(evaluated),
                "steps_total": self.exp.train.steps}
         if self.last_val is not None:
             row.setdefault("val_loss", self.last_val)
+        for k, v in self.last_evals.items():
+            row.setdefault(k, v)
         ckpt = self.checkpoint_cls.from_directory(checkpoint_dir) if checkpoint_dir else None
         self.report_fn(row, checkpoint=ckpt)
         return False

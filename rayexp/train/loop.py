@@ -4,7 +4,10 @@ Determinism: the batch of step ``s`` is drawn from a generator seeded by ``(seed
 resumed from a checkpoint sees exactly the batches of an uninterrupted one. Each optimizer step
 draws one *global* batch of ``world × grad_accum × batch_size`` sequences and rank ``r`` takes its
 slice, so ``W`` DDP workers at batch ``B`` follow the same trajectory as one worker at ``W·B``
-(``train.batch_size`` is per worker, as in nanoGPT). Validation uses ``eval_batches`` fixed batches.
+(``train.batch_size`` is per worker, as in nanoGPT). A draw is a window of a token stream or an example of
+an example dataset (rayexp.data: one ``count``/``batch`` interface). Validation uses ``eval_batches`` fixed
+batches and logs ``val_loss`` plus ``val_<metric>`` for each metric the data names (``accuracy``: the fraction
+of examples whose every scored target is the argmax; docs/methods.md, "Example data").
 
 Divergence: a non-finite training loss, or one above ``diverge_factor ×`` the first step's loss,
 stops the run with status ``diverged``.
@@ -19,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from rayexp.config import ConfigError, Experiment
+from rayexp.config import IGNORE_INDEX, ConfigError, Experiment
+from rayexp.data.examples import ExampleData
 from rayexp.models import block_size, build
 from rayexp.train.checkpoint import prune, restore, save_checkpoint, unwrap
 
@@ -74,36 +77,58 @@ def _world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _step_indices(n_tokens: int, block: int, count: int, seed: int, step: int) -> torch.Tensor:
-    """``count`` random window starts for ``step``, identical on every rank and every resume."""
+def _step_indices(n: int, count: int, seed: int, step: int) -> torch.Tensor:
+    """``count`` random draws from 0..n-1 (window starts or example indices) for ``step``, identical on every
+    rank and every resume."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(n_tokens - block - 1, (count,), generator=g)
+    return torch.randint(n, (count,), generator=g)
 
 
-def _windows(tokens: np.ndarray, starts: torch.Tensor, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = np.stack([tokens[s:s + block + 1] for s in starts.tolist()]).astype(np.int64)
-    xy = torch.from_numpy(rows).to(device, non_blocking=True)
-    return xy[:, :-1], xy[:, 1:]
+def _batch(data, split: str, idx: torch.Tensor, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = data.batch(split, idx, block)
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _eval_indices(data, count: int, block: int) -> torch.Tensor:
+    """The fixed validation draws: random windows (one seed for every run) of a token stream; the first
+    ``count`` validation examples (cycled) of an example dataset."""
+    if isinstance(data, ExampleData):
+        return torch.arange(count) % data.count("val", block)
+    return _step_indices(data.count("val", block), count, EVAL_SEED, 0)
+
+
+def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per example: 1 when the argmax is right at every target ≠ IGNORE_INDEX (top-1 for labels, exact match
+    for sequences), else 0."""
+    ok = (logits.argmax(-1) == y) | (y == IGNORE_INDEX)
+    return ok.reshape(len(y), -1).all(1)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val: np.ndarray, exp: Experiment, device, autocast) -> float:
-    """Mean loss over ``eval_batches`` fixed global validation batches (``world × batch_size``
-    windows each, split across ranks like training batches; the same windows for any world size)."""
-    block, bs = block_size(exp.model), exp.train.batch_size
+def evaluate(model: nn.Module, data, exp: Experiment, device, autocast) -> dict:
+    """``val_loss``, the mean loss over ``eval_batches`` fixed global validation batches (``world × batch_size``
+    draws each, split across ranks like training batches; the same draws for any world size), and
+    ``val_<metric>`` for each of ``data.metrics`` (``accuracy``) over the same examples."""
+    block, bs, n = block_size(exp.model), exp.train.batch_size, exp.train.eval_batches
     rank, world = _world()
-    starts = _step_indices(len(val), block, exp.train.eval_batches * world * bs, EVAL_SEED, 0)
+    idx = _eval_indices(data, n * world * bs, block)
     was_training = model.training
     model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for chunk in starts.view(exp.train.eval_batches, world, bs)[:, rank]:
-        x, y = _windows(val, chunk, block, device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # Σ batch losses, Σ correct examples
+    for chunk in idx.view(n, world, bs)[:, rank]:
+        x, y = _batch(data, "val", chunk, block, device)
         with autocast:
-            total += model(x, y)[1].double()
+            logits, loss = model(x, y)
+        sums[0] += loss.double()
+        if "accuracy" in data.metrics:
+            sums[1] += correct(logits, y).sum()
     if world > 1:
-        dist.all_reduce(total)
+        dist.all_reduce(sums)
     model.train(was_training)
-    return total.item() / (exp.train.eval_batches * world)
+    out = {"val_loss": sums[0].item() / (n * world)}
+    if "accuracy" in data.metrics:
+        out["val_accuracy"] = sums[1].item() / (n * world * bs)
+    return out
 
 
 def _block_grad_norms(model: nn.Module) -> dict:
@@ -113,6 +138,8 @@ def _block_grad_norms(model: nn.Module) -> dict:
 
 def _check_data_fits(data, exp: Experiment) -> None:
     block, bs = block_size(exp.model), exp.train.batch_size
+    if isinstance(data, ExampleData):  # any number of examples ≥ 1 works (draws repeat)
+        return
     if len(data.train) <= block + 1 or len(data.val) <= block + 1:
         raise ConfigError(f"data.corpus {data.corpus!r} has {len(data.train)} train / {len(data.val)} val tokens, "
                           f"too few for model.block_size={block}")
@@ -133,15 +160,15 @@ def run_training(exp: Experiment, reporter: Optional[Reporter] = None, resume_fr
     (e.g. ``rayexp.hessian.monitor.CurvatureMonitor``) is called as ``m(step, model, optimizer, data)`` after
     the steps where ``m.due(step)``; its metrics join that step's report (those steps are always logged).
     """
-    from rayexp.data import load_tokens
+    from rayexp.data import load_data
     from rayexp.optim import build_optimizer
 
     rank, world = _world()
     device = _device(exp)
     torch.manual_seed(exp.seed)
-    data = load_tokens(exp.data, block_size(exp.model))
+    data = load_data(exp.data, block_size(exp.model))
     _check_data_fits(data, exp)
-    model = build(exp.model, data.vocab_size).to(device)
+    model = build(exp.model, data.vocab_size, data.n_classes, data.pad_id).to(device)
     optimizer = build_optimizer(model, exp.optimizer, exp.rotation)
     state = {"step": 0, "history": [], "init_loss": None, "tokens": 0}
     if resume_from:
@@ -176,6 +203,7 @@ class _Loop:
         self.tokens_per_step = self.t.batch_size * self.t.grad_accum * world * self.block
         self.last_ckpt: Optional[str] = None
         self.val_loss = next((h["val_loss"] for h in reversed(self.history) if "val_loss" in h), float("nan"))
+        self.n_train = data.count("train", self.block)
         self.train_loss = next((h["train_loss"] for h in reversed(self.history) if "train_loss" in h), float("nan"))
         self.tok_s = 0.0
         self.monitors: list = []
@@ -186,13 +214,13 @@ class _Loop:
         lr = lr_at(step, self.exp)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        starts = _step_indices(len(self.data.train), self.block, t.grad_accum * self.world * B, self.exp.seed, step)
+        starts = _step_indices(self.n_train, t.grad_accum * self.world * B, self.exp.seed, step)
         starts = starts.view(t.grad_accum, self.world, B)[:, self.rank]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: one host sync a step
         # the zoo may accumulate fewer (MADA's seed quirk two_micro_batch_start); each loss is still / grad_accum
         n_micro = self.optimizer.micro_batches(step, t.grad_accum) if self.engine is None else t.grad_accum
         for micro in range(n_micro):
-            x, y = _windows(self.data.train, starts[micro], self.block, self.device)
+            x, y = _batch(self.data, "train", starts[micro], self.block, self.device)
             sync = micro == n_micro - 1 or self.world == 1 or self.engine is not None
             with (nullcontext() if sync else self.model.no_sync()), self.autocast:
                 loss = self.model(x, y)[1]
@@ -223,9 +251,10 @@ class _Loop:
             self.optimizer.zero_grad(set_to_none=True)
 
     # --- bookkeeping --------------------------------------------------------------------------
-    def eval(self) -> float:
-        self.val_loss = evaluate(self.model, self.data.val, self.exp, self.device, self.autocast)
-        return self.val_loss
+    def eval(self) -> dict:
+        out = evaluate(self.model, self.data, self.exp, self.device, self.autocast)
+        self.val_loss = out["val_loss"]
+        return out
 
     def checkpoint(self) -> Optional[str]:
         """Rank 0 writes ``workdir/checkpoint_<step>`` and drops older ones."""
@@ -233,7 +262,8 @@ class _Loop:
         if self.rank == 0:
             path = str(self.workdir / f"checkpoint_{self.step:06d}")
             extra = {"history": self.history, "init_loss": self.init_loss, "tokens": self.tokens,
-                     "rng": torch.get_rng_state(), "vocab_size": self.data.vocab_size}
+                     "rng": torch.get_rng_state(), "vocab_size": self.data.vocab_size,
+                     "n_classes": self.data.n_classes, "pad_id": self.data.pad_id}
             # under DeepSpeed ZeRO the optimizer state is partitioned across ranks: weights only
             optimizer = None if self.engine is not None else self.optimizer
             save_checkpoint(path, self.model, optimizer, self.step, self.exp, extra)
@@ -263,7 +293,7 @@ class _Loop:
         t = self.t
         self.model.train()
         if self.step == 0:
-            if self.emit({"val_loss": self.eval(), "lr": 0.0, "tokens": 0.0}):
+            if self.emit({**self.eval(), "lr": 0.0, "tokens": 0.0}):
                 return self.result("stopped")
         status, window_t, window_tok = "finished", time.perf_counter(), 0
         while self.step < t.steps:
@@ -295,7 +325,7 @@ class _Loop:
             for m in due:
                 metrics.update(m(self.step, unwrap(self.model), self.optimizer, self.data))
             if do_eval:
-                metrics["val_loss"] = self.eval()
+                metrics.update(self.eval())
             if self.emit(metrics, checkpoint=do_ckpt):
                 status = "stopped"
                 break
