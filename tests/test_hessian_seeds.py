@@ -352,3 +352,77 @@ def test_sweep_dry_run_accepts_a_hessian_preset_override(capsys):
     assert "trials" in capsys.readouterr().out
     spec = load_sweep(None, ["hessian.preset=seed001", "hessian.probes=3"])
     assert (spec.base.hessian.reduce, spec.base.hessian.probes, spec.base.hessian.blocks) == ("sum", 3, "seed001")
+
+
+# -- sweeps/seeds: GPT-2 124M files, and a CPU variant of each --------------------------------------------------
+SWEEPS = {  # file → (its hessian preset, overrides shrinking the preset's estimator sizes for a CPU test)
+    "seed000_l11.yaml": ("seed000", ["hessian.cauchy_vectors=6", "hessian.top_eigs_steps=4",
+                                     "hessian.hutchinson_probes=4"]),
+    "seed001_spectrum.yaml": ("seed001", ["hessian.probes=1", "hessian.slq_steps=4"]),
+    "seed003_curvature.yaml": ("seed003", ["hessian.power_iters=4", "hessian.power_top_n=2"]),
+}
+CPU = ["model.preset=gpt2-tiny", "model.attention=naive", "data.corpus=builtin", "data.tokenizer=bytes",
+       "train.steps=2", "train.batch_size=2", "train.grad_accum=1", "train.eval_every=2", "train.eval_batches=1",
+       "train.warmup=0", "train.compile=false", "train.precision=fp32", "train.device=cpu", "resources.workers=1",
+       "resources.gpus_per_worker=0", "resources.cpus_per_worker=1", "hessian.device=cpu", "hessian.batches=1",
+       "hessian.batch_size=2"]
+
+
+def sweep_file(name):
+    from pathlib import Path
+    return str(Path(__file__).resolve().parents[1] / "sweeps" / "seeds" / name)
+
+
+@pytest.mark.parametrize("name", list(SWEEPS))
+def test_seed_sweep_files_dry_run_at_gpt2_124m_scale(name, capsys):
+    from rayexp.spaces import load_sweep
+    from rayexp.sweep.__main__ import main
+    assert main([sweep_file(name), "--dry-run"]) == 0
+    assert "trials" in capsys.readouterr().out
+    spec = load_sweep(sweep_file(name))
+    assert spec.base.model.preset == "gpt2-124m" and spec.base.data.corpus.startswith("hf:")
+    assert spec.base.hessian.preset == SWEEPS[name][0] and spec.base.hessian.after_training
+
+
+@pytest.mark.parametrize("name", list(SWEEPS))
+def test_seed_sweep_files_run_small_on_the_cpu(name, in_tmp):
+    """The file's last trial (seed000: the rotated arm) trained 2 steps on gpt2-tiny, then its hessian section
+    (the preset, estimator sizes shrunk) on the checkpoint, as ``hessian.after_training`` runs it."""
+    from rayexp.hessian import analyze_checkpoint
+    from rayexp.spaces import load_sweep
+    from rayexp.sweep.plan import plan
+    from rayexp.train.loop import run_training
+    spec = load_sweep(sweep_file(name), CPU + SWEEPS[name][1] + [f"output_dir={in_tmp}"])
+    exp = plan(spec, "test")[-1].exp
+    res = run_training(exp)
+    m = analyze_checkpoint(res.checkpoint_dir, progress=False)[0]["metrics"]
+    want = {"seed000": ["l11", "l11_median", "l11_rotated", "lambda_max_abs", "frobenius_sq"],
+            "seed001": ["js_heterogeneity", "js_heterogeneity_top10", "slq_moment1"],
+            "seed003": ["curvature_gradnorm_logcorr", "grad_heterogeneity"]}[SWEEPS[name][0]]
+    assert all(np.isfinite(m[k]) for k in want), {k: m.get(k) for k in want}
+    if name == "seed000_l11.yaml":
+        assert exp.rotation.kind == "per_tensor" and m["l11_rotated"] != m["l11"]
+
+
+def test_memory_plan_counts_the_rotation_and_gpt2_124m_fits():
+    """The plan's l11 vectors include the rotation's float64 matrices (counted from what it holds, checked
+    against the U/V sizes from the shapes); on GPT-2 124M the seed000 l11 task keeps < 40 GiB."""
+    from rayexp.config import RotationConfig
+    from rayexp.hessian.tasks import TASKS
+    from rayexp.models import GPT, GPTConfig
+    from rayexp.optim.rotation import matrix_sides, rotation_memory
+    op = operator(make_model("gpt"), make_batches())
+    rot = FlatRotation.of_kind("per_tensor", 0, op.products.names, op.products.shapes)
+    sides = [matrix_sides(s, 8192) for s in op.products.shapes]
+    assert rot.nbytes == 8 * sum(k * k for mn in sides for k in mn if k)
+    with torch.device("meta"):
+        big = GPT(GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    shapes = [p.shape for p in big.parameters()]
+    d = sum(p.numel() for p in big.parameters())
+    rot_bytes = rotation_memory(shapes, RotationConfig(kind="per_tensor"), 8)
+    cfg = HessianConfig(preset="seed000")
+    keep = TASKS["l11"].vectors(cfg, {"l11_rotation": rot_bytes / (8 * d)}) * 8 * d
+    assert keep == pytest.approx((3 + 25 + 2) * 8 * d + rot_bytes)
+    assert 2 ** 30 < rot_bytes and keep < 40 * 2 ** 30
+    curv = TASKS["block_curvature"].vectors(HessianConfig(preset="seed003"), {"curv_share": 0.5})
+    assert curv == 4 + 6 * 0.5  # the power iterate and up to 5 deflation vectors per block

@@ -223,7 +223,11 @@ class FlatRotation:
     def __init__(self, rotation, names: Sequence[str], states: Optional[Sequence[dict]] = None):
         self.rotation, self.names = rotation, list(names)
         self.states = list(states) if states is not None else [{} for _ in self.names]
-        self.nbytes = rotation.memory_bytes() if rotation is not None else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the rotation and the kept states hold (what the memory plan counts)."""
+        return _nbytes(vars(self.rotation) if self.rotation is not None else {}) + _nbytes(self.states)
 
     @classmethod
     def of_kind(cls, kind: str, seed: int, names: Sequence[str], shapes: Sequence, max_dim: int = 8192) -> "FlatRotation":
@@ -258,6 +262,16 @@ class FlatRotation:
             out = f(index, [parts[n] for n in self.names], self.states)
             rows.append(products.flatten(dict(zip(self.names, out))))
         return torch.stack(rows)
+
+
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size() if obj.stride() and 0 not in obj.stride() else obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def _moved(obj, device):
