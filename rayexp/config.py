@@ -242,7 +242,7 @@ REORTH_DEFAULTS = {"top_eigs": "full", "slq": "none", "slq_blocks": "none", "blo
 DURING = ("lambda_max", "trace", "block_lambda_max", "grad_norms", "precond_sharpness")  # hessian.during
 L11_ROTATIONS = ("none", "per_tensor", "global", "train")  # train: the rotation the checkpoint was trained in
 CURVATURE_METHODS = ("lanczos", "power")  # block_curvature: exact λ_max, or seed 003's power iteration
-BLOCK_RULES = ("seed001", "seed003")  # hessian.blocks: a seed's block list (rayexp.hessian.tasks.BLOCK_RULES)
+BLOCK_RULES = ("seed001", "seed003")  # hessian.blocks: a seed's block list (rayexp.hessian.tasks.BLOCK_RULES_SPEC)
 # hessian.preset: the seeds' curvature settings (docs/methods.md "Seed presets"); explicit fields override them.
 HESSIAN_PRESETS: dict[str, dict] = {
     # seed 000, mohamad-amin/adam-coordinate-adaptivity@1f2e323: configs/gpt2_evaluate.yml:20-27 (k = 50 Cauchy
