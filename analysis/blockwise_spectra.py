@@ -18,9 +18,8 @@ from rayexp.config import HessianConfig
 
 def shape_js(arrays: dict) -> float:
     """JS₀ of the blockwise densities with each block's nodes scaled to max |node| = 1."""
-    from rayexp.hessian.heterogeneity import scaled
     from rayexp.hessian.slq import Quadrature, block_densities
-    quads = {str(n): scaled(Quadrature(nodes, w)) for n, nodes, w in
+    quads = {str(n): Quadrature(nodes, w).normalized("max_abs") for n, nodes, w in
              zip(arrays["block_names"], arrays["block_nodes"], arrays["block_weights"])}
     return float(block_densities(quads, sigma2=1e-3, points=20_000)[3])
 

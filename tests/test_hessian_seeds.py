@@ -426,3 +426,16 @@ def test_memory_plan_counts_the_rotation_and_gpt2_124m_fits():
     assert 2 ** 30 < rot_bytes and keep < 40 * 2 ** 30
     curv = TASKS["block_curvature"].vectors(HessianConfig(preset="seed003"), {"curv_share": 0.5})
     assert curv == 4 + 6 * 0.5  # the power iterate and up to 5 deflation vectors per block
+
+
+def test_js_uses_cell_masses_so_a_wide_block_cannot_hide_a_narrow_one():
+    """Cell probabilities sum to 1 on any grid and equal φ × spacing where the grid resolves σ; with one block
+    spanning 10⁴× the others' range (a near-zero λ₁₀), the JS distances stay finite and the two narrow
+    identical blocks stay at distance 0."""
+    q = Quadrature(np.array([[0.0, 1.0, 2.0]]), np.array([[0.2, 0.5, 0.3]]))
+    fine = np.linspace(-1, 3, 40_001)
+    assert np.allclose(q.masses(fine, 1e-3), q.density(fine, 1e-3)[1] * (fine[1] - fine[0]), atol=1e-9)
+    assert q.masses(np.linspace(-1, 3, 7), 1e-5).sum() == pytest.approx(1.0)
+    wide = Quadrature(q.nodes * 1e4, q.weights)
+    _, _, mat, het = block_densities({"a": q, "b": q, "w": wide}, 1e-5, 2000)
+    assert np.isfinite(mat).all() and mat[0, 1] < 1e-12 and mat[0, 2] > 0.5 and np.isfinite(het)

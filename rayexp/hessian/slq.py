@@ -101,6 +101,21 @@ class Quadrature:
         return grid, phi / area if area > 0 else phi
 
 
+    def masses(self, grid: np.ndarray, sigma2: float = SIGMA2) -> np.ndarray:
+        """φ's probability in the cell of each grid point (cells end half-way between points, the outer ones
+        unbounded): Σ τ_j/n_v (Φ((b − λ_j)/σ) − Φ((a − λ_j)/σ)). It sums to 1 however coarse the grid is
+        relative to σ, where point values of φ could miss a narrow Gaussian entirely."""
+        from scipy.special import ndtr
+        edges = np.concatenate([[-np.inf], (grid[1:] + grid[:-1]) / 2, [np.inf]])
+        out, sigma, n_v = np.zeros(len(grid)), sigma2 ** 0.5, len(self.nodes)
+        for lam, tau in zip(self.nodes.ravel(), self.weights.ravel()):
+            if tau > 0:  # the cells within ±10σ, and the two around them (mass beyond is < 1e-23)
+                lo, hi = np.searchsorted(edges, [lam - 10 * sigma, lam + 10 * sigma])
+                lo, hi = max(lo - 1, 0), min(hi + 1, len(edges))
+                out[lo:hi - 1] += tau / n_v * np.diff(ndtr((edges[lo:hi] - lam) / sigma))
+        return out
+
+
 def slq(op: HessianOperator, probes: int = 10, steps: int = 100, seed: int = 0,
         indices: Optional[Sequence[int]] = None, reorth: str = "none", chunk: int = 1, **kw) -> Quadrature:
     """SLQ of H: probes ``indices`` (default 0..probes−1), probe i = Gaussian keyed by (seed, i), normalized.
@@ -166,8 +181,10 @@ def heterogeneity(matrix: np.ndarray) -> float:
 
 
 def block_densities(quads: dict[str, Quadrature], sigma2: float = SIGMA2, points: int = GRID_POINTS):
-    """(grid, densities (n_blocks, points), JS matrix, heterogeneity) on one common grid."""
+    """(grid, densities (n_blocks, points), JS matrix, heterogeneity) on one common grid; the JS distances are
+    between the densities' cell probabilities (``Quadrature.masses``), so a block whose nodes span a much wider
+    range than another's cannot leave the other's narrow peaks between grid points."""
     grid = common_grid(list(quads.values()), points)
     dens = np.stack([q.density(grid, sigma2)[1] for q in quads.values()])
-    mat = js_matrix(dens)
+    mat = js_matrix(np.stack([q.masses(grid, sigma2) for q in quads.values()]))
     return grid, dens, mat, heterogeneity(mat)
