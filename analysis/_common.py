@@ -137,9 +137,11 @@ def best_config(runs: list, key: str = "optimizer.lr", what: str = "") -> tuple[
     return best, [r for r in runs if r.data.params.get(key) == best]
 
 
-def hessian(uri: str, run, cfg: HessianConfig, out: Path) -> dict:
+def hessian(uri: str, run, cfg: HessianConfig, out: Path, label: Optional[str] = None) -> dict:
     """Curvature of a child run's final checkpoint (downloaded from MLflow), logged back to that run
-    as ``hessian/*`` metrics and ``hessian/hessian.npz`` (``rayexp.hessian.analyze_checkpoint``)."""
+    as ``hessian/*`` metrics and ``hessian/hessian.npz`` (``rayexp.hessian.analyze_checkpoint``); with ``label``
+    (a second analysis of the same run, e.g. under a seed preset) as ``hessian/<label>/*`` metrics only, so the
+    first analysis' metrics and files stay as they were."""
     from rayexp.hessian import analyze_checkpoint
     from rayexp.tracking import checkpoint_from_run, log_hessian_results
 
@@ -147,7 +149,10 @@ def hessian(uri: str, run, cfg: HessianConfig, out: Path) -> dict:
     path = checkpoint_from_run(run.info.run_id, uri)
     results, files = analyze_checkpoint(path, cfg, out_dir=str(out / "hessian" / run.info.run_id[:8]), progress=False,
                                         title=run.info.run_name)
-    log_hessian_results(run.info.run_id, uri, results["metrics"], files)
+    if label:
+        log_hessian_results(run.info.run_id, uri, {f"{label}/{k}": v for k, v in results["metrics"].items()})
+    else:
+        log_hessian_results(run.info.run_id, uri, results["metrics"], files)
     print(f"hessian {run.info.run_name}: {results['hvps']} HVPs, {time.perf_counter() - t0:.0f} s", flush=True)
     return results
 

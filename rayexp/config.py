@@ -391,6 +391,29 @@ REORTH_MODES = ("none", "full", "selective")
 LANCZOS_TASKS = ("top_eigs", "slq", "slq_blocks", "block_curvature")
 REORTH_DEFAULTS = {"top_eigs": "full", "slq": "none", "slq_blocks": "none", "block_curvature": "full"}
 DURING = ("lambda_max", "trace", "block_lambda_max", "grad_norms", "precond_sharpness")  # hessian.during
+L11_ROTATIONS = ("none", "per_tensor", "global", "train")  # train: the rotation the checkpoint was trained in
+CURVATURE_METHODS = ("lanczos", "power")  # block_curvature: exact λ_max, or seed 003's power iteration
+BLOCK_RULES = ("seed001", "seed003")  # hessian.blocks: a seed's block list (rayexp.hessian.tasks.BLOCK_RULES_SPEC)
+# hessian.preset: the seeds' curvature settings (docs/methods.md "Seed presets"); explicit fields override them.
+HESSIAN_PRESETS: dict[str, dict] = {
+    # seed 000, mohamad-amin/adam-coordinate-adaptivity@1f2e323: configs/gpt2_evaluate.yml:20-27 (k = 50 Cauchy
+    # and 50 Rademacher vectors, 50 Lanczos steps), jax_hessian_eval_engine.py:388 (half-IQR headline),
+    # :95-98 (use_train_rotations), :243 (mean over batches), :337-342 and yml:37-39 (1280 / 8 ranks = 160
+    # batches of 6 × 8 ranks = 48 sequences)
+    "seed000": {"tasks": ["l11", "top_eigs", "frobenius"], "cauchy_vectors": 50, "l11_estimator": "iqr",
+                "l11_rotation": "train", "top_eigs_steps": 50, "hutchinson_probes": 50, "reduce": "mean",
+                "batches": 160, "batch_size": 48},
+    # seed 001, zyushun/hessian-spectrum@2f20a39: language_models/hessian_spectrum.py:16 (m = 100, σ² = 1e-5,
+    # n_v = 10), :315-361 (no reorthogonalization), :399-423 (HVPs summed over batches), :367 (50,000 points);
+    # train_gpt2.py:289-301 (60 batches of 8, blockwise then full); config/train_gpt2_small.py:44-69 (blocks)
+    "seed001": {"tasks": ["slq_blocks", "slq"], "reduce": "sum", "batches": 60, "batch_size": 8, "probes": 10,
+                "slq_steps": 100, "slq_sigma2": 1e-5, "grid_points": 50_000,
+                "reorth": {"slq": "none", "slq_blocks": "none"}, "blocks": "seed001"},
+    # seed 003, tom4649/gradient-heterogeneity@9a483ca: hessian_per_param.py:27-51 (blocks), :111-131 (per batch,
+    # top_n = 5, get_maximum), pyhessian/hessian_nlp.py:94-150 (≤ 100 iterations, tol 1e-3, deflation)
+    "seed003": {"tasks": ["block_curvature", "grad_heterogeneity"], "curvature_method": "power", "power_iters": 100,
+                "power_tol": 1e-3, "power_top_n": 5, "blocks": "seed003"},
+}
 
 
 class HessianConfig(_Strict):
@@ -402,8 +425,12 @@ class HessianConfig(_Strict):
     selective``, one mode for every Lanczos task or a mapping task → mode (defaults: full for top_eigs and
     block_curvature, the seed's three-term recurrence for SLQ); ``hutchinson_probes``: Rademacher probes for
     trace/diag/frobenius; ``cauchy_vectors``: k of the 1-1 norm (seed 000: 50); ``l11_rows``: size of an
-    exact uniform row sample checking it; ``l11_rotation``: also ‖RHRᵀ‖₁,₁ in this rotated basis;
-    ``blocks``: fnmatch patterns selecting blocks for slq_blocks / grad_heterogeneity / block_curvature;
+    exact uniform row sample checking it; ``l11_rotation``: also ‖RHRᵀ‖₁,₁ in this rotated basis (``train``: the rotation the checkpoint's
+    optimizer ran in, rebuilt from its experiment; seed 000);
+    ``blocks``: fnmatch patterns selecting blocks for slq_blocks / grad_heterogeneity / block_curvature, or a
+    seed's block rule (``BLOCK_RULES``); ``curvature_method``: block_curvature by Lanczos (exact λ_max) or by
+    seed 003's power iteration (``power_iters``, ``power_tol``, deflation over ``power_top_n``, the first
+    positive); ``preset``: a seed's settings (``HESSIAN_PRESETS``), which fields given explicitly override;
     ``reduce``: ``mean`` (the mean loss's Hessian) or ``sum`` (seed 001: n_batches × it);
     ``memory_gib``: the budget per device (default: what the device has free); ``shard``: with ``actors`` > 1,
     ``data`` (each actor holds the model and a share of the batches) or ``params`` (each holds 1/N of the
@@ -414,6 +441,7 @@ class HessianConfig(_Strict):
     (0: never) the metrics ``during`` are logged as ``curv/*`` on one fixed batch, with ``during_steps``
     Lanczos steps (warm-started) and ``during_probes`` Hutchinson probes.
     """
+    preset: Optional[Literal[tuple(HESSIAN_PRESETS)]] = None  # type: ignore[valid-type]
     after_training: bool = False
     tasks: list[Literal[HESSIAN_TASKS]] = Field(default_factory=lambda: ["top_eigs"])
     batches: int = Field(4, ge=1)
@@ -439,16 +467,36 @@ class HessianConfig(_Strict):
     hutchinson_probes: int = Field(100, ge=2)
     cauchy_vectors: int = Field(50, ge=2)
     l11_estimator: Literal["median", "iqr"] = "median"
-    l11_rotation: Literal["none", "per_tensor", "global"] = "per_tensor"
+    l11_rotation: Literal[L11_ROTATIONS] = "per_tensor"  # type: ignore[valid-type]
     l11_rows: int = Field(0, ge=0)
     curvature_steps: int = Field(20, ge=2)
-    blocks: Optional[list[str]] = None
+    curvature_method: Literal[CURVATURE_METHODS] = "lanczos"  # type: ignore[valid-type]
+    power_iters: int = Field(100, ge=1)
+    power_tol: float = Field(1e-3, gt=0.0)
+    power_top_n: int = Field(5, ge=1)
+    blocks: Union[str, list[str], None] = None
     device: Literal[DEVICES] = "auto"
     seed: int = 0
     every: int = Field(0, ge=0)
     during: list[Literal[DURING]] = Field(default_factory=lambda: ["lambda_max"])  # type: ignore[valid-type]
     during_steps: int = Field(10, ge=2)
     during_probes: int = Field(10, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        """``preset: NAME`` fills every field the mapping does not give with the seed's value."""
+        if isinstance(data, dict) and data.get("preset") in HESSIAN_PRESETS:
+            return {**HESSIAN_PRESETS[data["preset"]], **data}
+        return data
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _blocks(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in BLOCK_RULES:
+            raise ValueError(f"unknown block rule {v!r}; allowed: {', '.join(BLOCK_RULES)}, or a list of fnmatch "
+                             f"patterns")
+        return v
 
     @field_validator("reorth", mode="before")
     @classmethod

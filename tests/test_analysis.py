@@ -45,7 +45,7 @@ def test_rotation_claim_script_end_to_end_against_an_mlflow_server(mlflow_server
     printed = capsys.readouterr().out
     assert "Claim 2" in printed and "verdict" in printed
     verdict = json.loads((tmp_path / "verdict.json").read_text())
-    assert len(verdict["rows"]) == 3 and all(isinstance(r["holds"], bool) for r in verdict["rows"])
+    assert len(verdict["rows"]) == 4 and all(isinstance(r["holds"], bool) for r in verdict["rows"])
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("claim2_rotation_l11")

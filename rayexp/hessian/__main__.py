@@ -5,20 +5,22 @@ exact math kernel), draws ``hessian.batches`` fixed batches from its experiment'
 plan, runs the tasks (progress: a bar on a terminal, plain lines in a log), writes ``hessian.npz`` and PNG
 plots to ``--out`` (default ``<checkpoint>/hessian``), prints a table, and with ``--run`` logs the metrics
 and files to that MLflow run. ``key=value`` arguments, anywhere on the line, set fields of the ``hessian``
-section (e.g. ``probes=20 dtype=fp64 shard=params memory_gib=40``). Errors print one line and exit 2.
+section (e.g. ``probes=20 dtype=fp64 shard=params memory_gib=40``); ``preset=seed000|seed001|seed003`` sets a
+seed's settings (listed below), and the other fields given override it. Errors print one line and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from rayexp.config import ConfigError, HessianConfig, parse_override
+from rayexp.config import HESSIAN_PRESETS, ConfigError, HessianConfig, parse_override
 
 
 def _parser() -> argparse.ArgumentParser:
     from rayexp.hessian.tasks import task_help
     p = argparse.ArgumentParser(prog="python -m rayexp.hessian", description=__doc__.split("\n\n")[1],
-                                epilog="tasks:\n" + task_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog="tasks:\n" + task_help() + "\n\npresets (preset=NAME; fields given too override it):\n"
+                                + preset_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory (model.pt + config.yaml)")
     src.add_argument("--run", help="MLflow run id whose checkpoint/ artifact to analyze (results logged back)")
@@ -31,14 +33,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def preset_help() -> str:
+    """One line per ``hessian.preset``: the fields it sets."""
+    return "\n".join(f"  {name:<8} " + ", ".join(f"{k}={v}" for k, v in values.items())
+                     for name, values in HESSIAN_PRESETS.items())
+
+
 def _config(args, base: HessianConfig) -> HessianConfig:
+    """The checkpoint's hessian section, then ``preset=NAME`` (its values over the checkpoint's), then the
+    other key=value fields and --tasks/--actors."""
     raw = base.model_dump()
+    pairs = [parse_override(t) for t in args.overrides]
+    preset = next((v for k, v in pairs if k.removeprefix("hessian.") == "preset"), None)
+    if preset in HESSIAN_PRESETS:
+        raw.update(HESSIAN_PRESETS[preset])
     if args.tasks is not None:
         raw["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.actors is not None:
         raw["actors"] = args.actors
-    for text in args.overrides:
-        key, value = parse_override(text)
+    for key, value in pairs:
         key = key.removeprefix("hessian.")
         top, _, sub = key.partition(".")
         if top not in HessianConfig.model_fields:

@@ -16,20 +16,24 @@ import torch
 from rayexp.config import ConfigError, HessianConfig
 from rayexp.hessian.hvp import check_model
 from rayexp.hessian.io import Progress, save_results
+from rayexp.hessian.operator import FlatRotation
 from rayexp.hessian.plan import build_operator, prepare, run_tasks
 
+
 def analyze(model: torch.nn.Module, batches: Sequence, hessian_cfg: HessianConfig, loss_fn=None,
-            progress: bool = True, echo: Optional[Callable[[str], None]] = None) -> dict:
-    """Run ``hessian_cfg.tasks`` on the mean loss ``loss_fn`` (default token cross-entropy) over ``batches``."""
+            progress: bool = True, echo: Optional[Callable[[str], None]] = None,
+            train_rotation: Optional[FlatRotation] = None) -> dict:
+    """Run ``hessian_cfg.tasks`` on the mean loss ``loss_fn`` (default token cross-entropy) over ``batches``;
+    ``train_rotation`` (``training_rotation``) is the basis of ``hessian.l11_rotation: train``."""
     cfg = hessian_cfg
     check_model(model)
     batches = list(batches)
     if cfg.actors > 1:
         from rayexp.hessian.distributed import analyze_sharded
-        return analyze_sharded(model, batches, cfg, loss_fn, progress, echo)
+        return analyze_sharded(model, batches, cfg, loss_fn, progress, echo, train_rotation)
     start = time.perf_counter()
     op = build_operator(model, batches, cfg, loss_fn)
-    ctx, plan = prepare(op, cfg)
+    ctx, plan = prepare(op, cfg, train_rotation)
     if echo:
         echo(plan.text())
     with Progress(lambda: op.count, sum(plan.hvps.values()), progress) as bar:
@@ -54,6 +58,24 @@ def fixed_batches(exp, hessian_cfg: HessianConfig, data=None) -> list[tuple[torc
     return [draw(data, "train", block, bs, g) for _ in range(hessian_cfg.batches)]
 
 
+def training_rotation(model: torch.nn.Module, exp, path=None) -> FlatRotation:
+    """The rotation R that ``exp``'s optimizer ran in on ``model``, as a flat map in named_parameters order.
+
+    The optimizer is rebuilt from the experiment (``rayexp.optim.build_optimizer``: its parameter order, its
+    ``Rotation`` from ``rotation.seed``), so every rotation kind the optimizer knows works here unchanged;
+    kinds whose bases are optimizer state (eigenbasis) take them from the checkpoint's ``optim.pt``."""
+    from rayexp.optim import build_optimizer
+    if exp.rotation.kind == "none":
+        return FlatRotation(None, [])
+    opt = build_optimizer(model, exp.optimizer.model_copy(update={"fused": False}), exp.rotation)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if path is not None and (Path(path) / "optim.pt").is_file() and exp.rotation.kind == "eigenbasis":
+        opt.load_state_dict(torch.load(Path(path) / "optim.pt", map_location="cpu", weights_only=False))
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    states = [{k: v for k, v in opt.state.get(p, {}).items() if k.startswith("rot_")} for p in params]
+    return FlatRotation(opt.rotation, [name_of[id(p)] for p in params], states)
+
+
 def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, out_dir: Optional[str] = None,
                        progress: bool = True, echo: Optional[Callable[[str], None]] = None,
                        title: str = "") -> tuple[dict, list[str]]:
@@ -70,7 +92,8 @@ def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, o
         raise ConfigError(f"checkpoint {Path(path) / 'model.pt'} does not load ({type(e).__name__}): it may be "
                           f"truncated; use an earlier checkpoint") from None
     cfg = cfg0 or exp.hessian
-    results = analyze(model, fixed_batches(exp, cfg), cfg, progress=progress, echo=echo)
+    rotation = training_rotation(model, exp, path) if cfg.l11_rotation == "train" and "l11" in cfg.tasks else None
+    results = analyze(model, fixed_batches(exp, cfg), cfg, progress=progress, echo=echo, train_rotation=rotation)
     name = title or f"{Path(path).resolve().parent.name}/{Path(path).name}: {exp.optimizer.name} lr={exp.optimizer.lr:.3g}"
     files = save_results(results, out_dir or Path(path) / "hessian", name)
     return results, files

@@ -90,7 +90,7 @@ class HessianWorker:
             torch.cuda.set_device(device)
         dist.init_process_group(self.backend, init_method=f"tcp://{addr[0]}:{addr[1]}", rank=self.rank,
                                 world_size=self.world, timeout=datetime.timedelta(minutes=30))
-        model, loss_fn, batches = source
+        model, loss_fn, batches, self.train_rotation = source
         comm = Comm(self.cfg.shard, dist.group.WORLD)
         ids = _split(len(batches), self.world)[self.rank]
         theta_fn = None
@@ -111,7 +111,7 @@ class HessianWorker:
         """``prepare`` on every rank; one rank's ConfigError stops all, chunks are the minimum over ranks."""
         err = None
         try:
-            self.ctx, plan = prepare(self.op, self.cfg)
+            self.ctx, plan = prepare(self.op, self.cfg, self.train_rotation)
         except ConfigError as e:
             err, plan = e, None
         flag = torch.tensor([1.0 if err else 0.0])
@@ -152,7 +152,7 @@ def _unwrap(e: Exception) -> Exception:
 
 
 def analyze_sharded(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, progress: bool = True,
-                    echo=None) -> dict:
+                    echo=None, train_rotation=None) -> dict:
     """``analyze`` over ``cfg.actors`` Ray actors (see the module docstring); same return value."""
     from rayexp.hessian.io import Progress
     started = ensure_ray()
@@ -168,7 +168,7 @@ def analyze_sharded(model, batches: Sequence, cfg: HessianConfig, loss_fn=None, 
         except ray.exceptions.GetTimeoutError:
             raise ConfigError(f"hessian.actors={cfg.actors}: the actors did not start within {READY_TIMEOUT_S} s "
                               f"({cpus:g} CPUs, {gpus:g} GPUs each); lower hessian.cpus_per_actor/gpus_per_actor") from None
-        source = ray.put((model.cpu(), loss_fn, list(batches)))
+        source = ray.put((model.cpu(), loss_fn, list(batches), train_rotation))
         try:
             plan, total = ray.get([w.setup.remote(addr, source) for w in workers])[0]
             if echo:

@@ -8,7 +8,8 @@
   Exact check: ‖H eᵢ‖₁ for requested rows (in the order requested), or a uniform row sample S,
   (d/|S|) Σ_{i∈S} ‖H eᵢ‖₁ with standard error d·s/√|S|·√(1 − |S|/d).
 - Per-block curvature (seed 003, arXiv 2502.00213): for each batch and block b, the largest eigenvalue
-  λ_max(H_bb) on that batch (Lanczos restricted to b, exact to the Ritz tolerance) and ‖g_b‖.
+  λ_max(H_bb) on that batch (Lanczos restricted to b, exact to the Ritz tolerance), or the seed's own
+  procedure (power iteration with deflation, the first positive of the top 5), and ‖g_b‖.
 - Gradient heterogeneity (rayexp's scalar): std of log10 ‖g_b‖ over blocks and the max/min ratio.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from rayexp.hessian.lanczos import lanczos_runs, select
+from rayexp.hessian.lanczos import first_positive, lanczos_runs, power_runs, select
 from rayexp.hessian.operator import Block, HessianOperator, block_products
 from rayexp.hessian.probes import generator, probe
 
@@ -164,14 +165,29 @@ def block_top_eigs(op: HessianOperator, blocks: Sequence[Block], steps: int = 20
     return np.array([select(t.eig()[0], 1, which)[0] for t in tris])
 
 
+def block_power(op: HessianOperator, blocks: Sequence[Block], top_n: int = 5, iters: int = 100, tol: float = 1e-3,
+                seed: int = 0, chunk: int = 0) -> np.ndarray:
+    """Seed 003's per-block curvature: PyHessian's power iteration with deflation on each H_bb (``power_runs``,
+    blocks in lockstep), the first positive of the top ``top_n`` eigenvalues (else the largest)."""
+    views, products = block_products(op, blocks)
+    starts = [lambda i, b=b, v=v: probe(b.size, "gaussian", seed, i, f"block_power/{b.name}", v.span, op.device)
+              for b, v in zip(blocks, views)]
+    runs = power_runs(op, starts, top_n, iters, tol, stop_at_positive=True, products=products, chunk=chunk)
+    return np.array([first_positive(e) for e in runs])
+
+
 def block_curvature(op, blocks: Sequence[Block], steps: int = 20, seed: int = 0, chunk: int = 0,
-                    callback=None) -> np.ndarray:
+                    callback=None, method: str = "lanczos", power: Optional[dict] = None) -> np.ndarray:
     """Seed 003's array (batches × blocks × 2): [λ_max(H_bb), ‖g_b‖] on each batch separately
-    (``op.for_batch(i)``: the operator of batch i alone)."""
+    (``op.for_batch(i)``: the operator of batch i alone). ``method``: ``lanczos`` (the exact largest algebraic
+    eigenvalue, ``steps`` steps) or ``power`` (``block_power`` with ``power`` = {top_n, iters, tol})."""
     out = np.zeros((op.n_batches, len(blocks), 2))
     for i in range(op.n_batches):
         one = op.for_batch(i)
-        out[i, :, 0] = block_top_eigs(one, blocks, steps, seed, chunk=chunk, callback=callback)
+        if method == "power":
+            out[i, :, 0] = block_power(one, blocks, seed=seed, chunk=chunk, **(power or {}))
+        else:
+            out[i, :, 0] = block_top_eigs(one, blocks, steps, seed, chunk=chunk, callback=callback)
         out[i, :, 1] = block_grad_norms(one, one.grad(), blocks)
         op.count += one.count
     return out

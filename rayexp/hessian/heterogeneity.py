@@ -12,20 +12,13 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 
 from rayexp.config import validate
 from rayexp.hessian.analyze import fixed_batches
 from rayexp.hessian.estimators import block_grad_norms, grad_heterogeneity
 from rayexp.hessian.hvp import HVP
 from rayexp.hessian.operator import Operator
-from rayexp.hessian.slq import Quadrature, block_densities, slq_blocks
-
-
-def scaled(q: Quadrature) -> Quadrature:
-    """Nodes divided by the block's largest |node| (weights unchanged)."""
-    s = np.abs(q.nodes[q.weights > 0]).max()
-    return Quadrature(q.nodes / s if s > 0 else q.nodes, q.weights)
+from rayexp.hessian.slq import block_densities, slq_blocks
 
 
 def measure(kind: str, steps: int, probes: int, lanczos_steps: int, workdir: str) -> dict:
@@ -55,7 +48,7 @@ def measure(kind: str, steps: int, probes: int, lanczos_steps: int, workdir: str
     quads = slq_blocks(op, op.blocks, probes, lanczos_steps, seed=0, reorth="full")
     slq_s = time.perf_counter() - t0
     _, _, _, js_raw = block_densities(quads, points=20_000)
-    _, _, _, js_shape = block_densities({k: scaled(q) for k, q in quads.items()}, sigma2=1e-3, points=20_000)
+    _, _, _, js_shape = block_densities({k: q.normalized("max_abs") for k, q in quads.items()}, sigma2=1e-3, points=20_000)
     het = grad_heterogeneity(block_grad_norms(op, op.grad(), op.blocks))
     return {"kind": kind, "params": op.d, "blocks": len(op.blocks), "val_loss": res.val_loss if res else float("nan"),
             "js0_raw": js_raw, "js0_shape": js_shape, **het, "hvps": op.count, "train_s": train_s, "slq_s": slq_s}

@@ -172,29 +172,80 @@ def top_eigs(op: HessianOperator, k: int = 5, steps: int = 30, which: str = "lar
     return select(lam, k, which)
 
 
+PYHESSIAN_EPS = 1e-6  # PyHessian's guard: v/(‖v‖ + eps), and |Δλ|/(|λ| + eps) < tol (docs/methods.md "Power iteration")
+
+
+class _Power:
+    """One power-iteration run with deflation: its start vectors, found eigenpairs and current iterate."""
+
+    def __init__(self, start: Callable[[int], torch.Tensor]):
+        self.start, self.found, self.eigs = start, [], []
+        self.v, self.lam, self.it = None, None, 0
+
+
+def _normalized(op: HessianOperator, v: torch.Tensor) -> torch.Tensor:
+    return v / (dot(op, v, v) ** 0.5 + PYHESSIAN_EPS)
+
+
+def power_runs(op: HessianOperator, starts: Sequence[Callable[[int], torch.Tensor]], top_n: int = 5,
+               iters: int = 100, tol: float = 1e-3, stop_at_positive: bool = False,
+               products: Optional[Products] = None, chunk: int = 0) -> list[np.ndarray]:
+    """PyHessian's power iteration with deflation (seed 003), several runs in lockstep.
+
+    Eigenvalue i of a run starts from ``starts[run](i)`` and iterates v ← (v ⟂ found)/‖·‖, λ = vᵀHv,
+    v ← Hv/‖Hv‖ until |λ_prev − λ|/(|λ_prev| + eps) < tol (λ_prev is kept, as PyHessian does) or ``iters``
+    products; the last v joins the found vectors. A run ends after ``top_n`` eigenvalues, or at the first
+    positive one with ``stop_at_positive``. Returns each run's eigenvalues in the order found."""
+    products = products or (lambda ids, qs: list(op.matmat(torch.stack(list(qs)))))
+    runs = [_Power(s) for s in starts]
+    active = list(range(len(runs)))
+    while active:
+        for k in active:
+            r = runs[k]
+            if r.v is None:
+                r.v, r.lam, r.it = starts[k](len(r.eigs)).to(op.device, torch.float64), None, 0
+                r.v = _normalized(op, r.v)
+            for u in r.found:
+                r.v = r.v - dot(op, r.v, u) * u
+            r.v = _normalized(op, r.v)
+        step = chunk or len(active)
+        hvs = []
+        for i in range(0, len(active), step):
+            ids = active[i:i + step]
+            hvs += list(products(ids, [runs[k].v for k in ids]))
+        active = [k for k, hv in zip(list(active), hvs) if _power_step(op, runs[k], hv, top_n, iters, tol, stop_at_positive)]
+    return [np.array(r.eigs) for r in runs]
+
+
+def _power_step(op, r: _Power, hv: torch.Tensor, top_n: int, iters: int, tol: float, stop_at_positive: bool) -> bool:
+    """Advance run ``r`` by its product Hv; returns whether it is still active."""
+    tmp = dot(op, hv.to(r.v), r.v)
+    r.v, r.it = _normalized(op, hv.to(r.v)), r.it + 1
+    converged = r.lam is not None and abs(r.lam - tmp) / (abs(r.lam) + PYHESSIAN_EPS) < tol
+    if not converged:
+        r.lam = tmp
+    if not converged and r.it < iters:
+        return True
+    r.eigs.append(r.lam)
+    r.found.append(r.v)
+    r.v = None
+    if (stop_at_positive and r.lam > 0) or len(r.eigs) == top_n:
+        r.found = []
+        return False
+    return True
+
+
+def first_positive(eigs: np.ndarray) -> float:
+    """Seed 003's choice among deflated power-iteration eigenvalues: the first positive one, else the largest."""
+    pos = eigs[eigs > 0]
+    return float(pos[0]) if len(pos) else float(eigs.max())
+
+
 def power_iteration(op: HessianOperator, k: int = 1, iters: int = 100, tol: float = 1e-3, seed: int = 0,
                     ) -> tuple[np.ndarray, int]:
-    """PyHessian's top-k: power iteration with deflation against found eigenvectors, stopping when the
-    Rayleigh quotient changes by < tol (relative). Returns (eigenvalues of largest magnitude, HVPs used)."""
-    found: list[torch.Tensor] = []
-    eigs, used = [], 0
-    for i in range(k):
-        v = probe(op.d, "gaussian", seed, i, "power", op.span, op.device)
-        lam = None
-        for _ in range(iters):
-            for u in found:
-                v = v - dot(op, u, v) * u
-            v = v / dot(op, v, v) ** 0.5
-            hv = op.matvec(v)
-            used += 1
-            new = dot(op, hv, v)
-            v = hv
-            if lam is not None and abs(new - lam) <= tol * (abs(lam) + 1e-12):
-                lam = new
-                break
-            lam = new
-        for u in found:
-            v = v - dot(op, u, v) * u
-        found.append(v / dot(op, v, v) ** 0.5)
-        eigs.append(lam)
-    return np.array(eigs), used
+    """The baseline (PyHessian's top-k, ``power_runs``): eigenvalues of largest magnitude found by power
+    iteration with deflation from Gaussian starts keyed by ``seed``. Returns (eigenvalues, HVPs used)."""
+    before = op.count
+    start = lambda i: probe(op.d, "gaussian", seed, i, "power", op.span, op.device)  # noqa: E731
+    eigs = power_runs(op, [start], top_n=k, iters=iters, tol=tol)[0]
+    return eigs, op.count - before

@@ -154,11 +154,11 @@ class Operator:
         total = torch.tensor([self.products.loss_sum()], dtype=torch.float64, device=self.device)
         return float(self.comm.all_reduce(total)[0]) * self.scale
 
-    def rotated(self, kind: str, seed: int) -> "Operator":
-        """The operator u ↦ R H Rᵀ u in a rotated basis (``Rotated`` products; same shards)."""
+    def rotated(self, rotation: "FlatRotation") -> "Operator":
+        """The operator u ↦ R H Rᵀ u in the basis of ``rotation`` (``Rotated`` products; same shards)."""
         other = Operator.__new__(Operator)
         other.__dict__.update(self.__dict__)
-        other.products, other.count = Rotated(self.products, kind, seed), 0
+        other.products, other.count = Rotated(self.products, rotation), 0
         return other
 
 
@@ -212,41 +212,91 @@ def block_products(op: HessianOperator, blocks: Sequence[Block]):
     return views, products
 
 
-class Rotated:
-    """Products in a rotated basis: Σ_b R H_b Rᵀ v for the orthogonal R of ``rayexp.optim.rotation``
-    (``per_tensor``: U X Vᵀ per parameter tensor; ``global``: one Haar matrix, small models only)."""
+class FlatRotation:
+    """An optimizer's rotation R (``rayexp.optim.rotation.Rotation``: any kind, read only through its
+    ``rotate``/``unrotate`` of the optimizer's parameter list) as a map of flat vectors in
+    ``model.named_parameters()`` order (docs/methods.md "1-1 norm in the training basis").
 
-    def __init__(self, products, kind: str = "per_tensor", seed: int = 0, max_dim: int = 8192):
-        from rayexp.optim.rotation import haar_orthogonal, matrix_sides, seeded_generator
-        self.inner, self.kind, self.precision = products, kind, products.precision
-        self.d, self.device, self.blocks, self.n_batches = products.d, products.device, products.blocks, products.n_batches
-        if kind == "global":
-            self.q = haar_orthogonal(self.d, seeded_generator(seed, "global", "q")).to(self.device, torch.float64)
-            return
-        if kind != "per_tensor":
-            raise ValueError(f"unknown rotation {kind!r}; allowed: per_tensor, global")
-        self.mats = []
-        for i, shape in enumerate(products.shapes):
-            m, n = matrix_sides(shape, max_dim)
-            self.mats.append((haar_orthogonal(m, seeded_generator(seed, i, "u")).to(self.device) if m else None,
-                              haar_orthogonal(n, seeded_generator(seed, i, "v")).to(self.device) if n else None))
+    ``names[j]`` is the parameter at the optimizer's index j, ``states[j]`` its optimizer state (eigenbasis
+    bases live there). ``rotation=None`` is the identity (a model trained unrotated)."""
 
-    def _apply(self, V: torch.Tensor, inverse: bool) -> torch.Tensor:
-        from rayexp.optim.rotation import apply_inverse, apply_rotation
-        if self.kind == "global":
-            return V @ self.q if inverse else V @ self.q.T
-        f = apply_inverse if inverse else apply_rotation
+    def __init__(self, rotation, names: Sequence[str], states: Optional[Sequence[dict]] = None):
+        self.rotation, self.names = rotation, list(names)
+        self.states = list(states) if states is not None else [{} for _ in self.names]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the rotation and the kept states hold (what the memory plan counts)."""
+        return _nbytes(vars(self.rotation) if self.rotation is not None else {}) + _nbytes(self.states)
+
+    @classmethod
+    def of_kind(cls, kind: str, seed: int, names: Sequence[str], shapes: Sequence, max_dim: int = 8192) -> "FlatRotation":
+        """A fresh rotation of ``kind`` (per_tensor, global) over tensors of these shapes, as the optimizer
+        builds it with ``rotation.seed = seed`` (float64 matrices; no tensor of the shapes is allocated)."""
+        from rayexp.config import RotationConfig
+        from rayexp.optim.rotation import Rotation
+        like = [torch.zeros(1, dtype=torch.float64).expand(*s) for s in shapes]  # shape and dtype only
+        return cls(Rotation(like, RotationConfig(kind=kind, seed=seed, max_dim=max_dim)), names)
+
+    @property
+    def identity(self) -> bool:
+        return self.rotation is None or self.rotation.kind == "none"
+
+    def to(self, device) -> "FlatRotation":
+        """Every tensor the rotation and its states hold, moved to ``device`` once (floating ones as float64, an
+        exact widening of fp32 matrices, so products do not cast them per vector)."""
+        if self.rotation is not None:
+            self.rotation.__dict__.update(_moved(vars(self.rotation), device))
+        self.states = _moved(self.states, device)
+        return self
+
+    def apply(self, products, V: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """R v (``inverse``: Rᵀ v) for each row of V (n, d), flat in ``products``' parameter order."""
+        if self.identity:
+            return V
+        f = self.rotation.unrotate if inverse else self.rotation.rotate
+        index = list(range(len(self.names)))
         rows = []
         for v in V.to(torch.float64):
-            parts = self.inner.unflatten(v)
-            rows.append(self.inner.flatten({n: f(parts[n], *uv) for n, uv in zip(self.inner.names, self.mats)}))
+            parts = products.unflatten(v)
+            out = f(index, [parts[n] for n in self.names], self.states)
+            rows.append(products.flatten(dict(zip(self.names, out))))
         return torch.stack(rows)
 
+
+def _nbytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size() if obj.stride() and 0 not in obj.stride() else obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _moved(obj, device):
+    if torch.is_tensor(obj):
+        return obj.to(device, torch.float64) if obj.is_floating_point() else obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _moved(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_moved(v, device) for v in obj)
+    return obj
+
+
+class Rotated:
+    """Products in a rotated basis, Σ_b R H_b Rᵀ v, for a ``FlatRotation`` R: the Hessian of θ ↦ L(Rᵀφ) at φ = Rθ."""
+
+    def __init__(self, products, rotation: FlatRotation):
+        self.inner, self.rotation, self.precision = products, rotation, products.precision
+        self.d, self.device, self.blocks, self.n_batches = products.d, products.device, products.blocks, products.n_batches
+
     def hvp_sum(self, V: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.inner.hvp_sum(self._apply(V, inverse=True)).to(torch.float64), inverse=False)
+        inner = self.inner.hvp_sum(self.rotation.apply(self.inner, V, inverse=True)).to(torch.float64)
+        return self.rotation.apply(self.inner, inner)
 
     def grad_sum(self) -> torch.Tensor:
-        return self._apply(self.inner.grad_sum().to(torch.float64).reshape(1, -1), inverse=False)[0]
+        return self.rotation.apply(self.inner, self.inner.grad_sum().to(torch.float64).reshape(1, -1))[0]
 
     def loss_sum(self) -> float:
         return self.inner.loss_sum()

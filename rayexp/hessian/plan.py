@@ -19,7 +19,7 @@ from rayexp.config import ConfigError, HessianConfig
 from rayexp.hessian import estimators as est
 from rayexp.hessian.hvp import HVP
 from rayexp.hessian.operator import Comm, Operator
-from rayexp.hessian.tasks import TASKS, Context, select_blocks
+from rayexp.hessian.tasks import TASKS, Context, l11_rotation, select_blocks
 
 GIB = 2 ** 30
 VMAP_CHUNK_MAX = 64  # vectors per vmapped product (fwd_rev)
@@ -155,10 +155,13 @@ def make_plan(op: Operator, cfg: HessianConfig, ctx: Context) -> Plan:
     """Measure one product, then place every task's vectors within the budget (see module docstring)."""
     budget = budget_bytes(cfg, op.device)
     secs, peak = _measured(op, budget)
-    sizes = {"slq_blocks": len(ctx.slq_blocks), "curv_blocks": len(ctx.curv_blocks), "batches": op.n_batches}
+    local = op.span.stop - op.span.start
+    rotated = ctx.rotation is not None and not ctx.rotation.identity  # its matrices are whole on every process
+    sizes = {"slq_blocks": len(ctx.slq_blocks), "curv_blocks": len(ctx.curv_blocks), "batches": op.n_batches,
+             "curv_share": sum(b.size for b in ctx.curv_blocks) / op.d,
+             "l11_rotation": ctx.rotation.nbytes / (8 * local) if rotated else None}
     plan = Plan(product_s=secs, product_gib=peak / GIB, budget_gib=budget / GIB, mode=op.products.mode)
     held = _used(op.device)
-    local = op.span.stop - op.span.start
     vmap = op.products.mode == "fwd_rev"
     for name in dict.fromkeys(cfg.tasks):
         _place(plan, name, cfg, sizes, budget - held - peak, local, vmap, (peak, budget, held), op.device)
@@ -205,7 +208,9 @@ def _place(plan: Plan, name: str, cfg, sizes: dict, free: float, local: int, vma
 
 def _base_vectors(name: str, cfg, sizes) -> float:
     """Vectors of a task that must stay on the device (the rest is a basis or samples that may move)."""
-    return {"top_eigs": 4, "slq": 3, "slq_blocks": 3, "l11": 3}.get(name, TASKS[name].vectors(cfg, sizes))
+    if name == "l11":  # the samples may move; the rotation's matrices and working vectors stay
+        return 3 + (sizes["l11_rotation"] + 2 if sizes.get("l11_rotation") is not None else 0)
+    return {"top_eigs": 4, "slq": 3, "slq_blocks": 3}.get(name, TASKS[name].vectors(cfg, sizes))
 
 
 def _does_not_fit(name: str, cfg, keep: float, peak: float, budget: float, held: float) -> str:
@@ -218,10 +223,11 @@ def _does_not_fit(name: str, cfg, keep: float, peak: float, budget: float, held:
 
 
 # -- the task loop ----------------------------------------------------------------------------------
-def prepare(op: Operator, cfg: HessianConfig) -> tuple[Context, Plan]:
-    """Block selections and the memory plan for ``cfg``'s tasks on ``op``."""
+def prepare(op: Operator, cfg: HessianConfig, train_rotation=None) -> tuple[Context, Plan]:
+    """Block selections, the rotated basis of the 1-1 norm and the memory plan for ``cfg``'s tasks on ``op``."""
     ctx = Context(op, cfg, select_blocks(op.blocks, cfg.blocks),
                   select_blocks(op.blocks, cfg.blocks, est.default_curvature_blocks))
+    ctx.rotation = l11_rotation(op, cfg, train_rotation)
     plan = make_plan(op, cfg, ctx)
     ctx.chunk, ctx.basis_device, ctx.store = plan.chunk, plan.basis_device, plan.store
     return ctx, plan

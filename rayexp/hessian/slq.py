@@ -11,9 +11,11 @@ density renormalized to integrate to 1. **Blockwise**: the same for each diagona
 supported on block b, keep block b of Hv). The block×probe Lanczos runs advance in lockstep, ``chunk`` of
 them sharing one product (vmapped over block-supported tangents where the products allow).
 
-**Heterogeneity** (JS₀ of arXiv 2402.16788, Sec. 3.3): the average pairwise Jensen–Shannon distance
-between blockwise densities, evaluated on one common grid; JS distance = sqrt(JS divergence) with natural
-logs (scipy.spatial.distance.jensenshannon's convention), so it lies in [0, sqrt(ln 2)].
+**Heterogeneity** (rayexp's definition of JS₀; neither seed repository computes it, arXiv 2402.16788 Sec. 3.3
+defines it in words): the average pairwise Jensen–Shannon distance between blockwise densities, evaluated
+on one common grid; JS distance = sqrt(JS divergence) with natural logs (scipy.spatial.distance.
+jensenshannon's convention), so it lies in [0, sqrt(ln 2)]. Also on spectral shape: each block's nodes
+divided by its max|λ| or, as the paper's Fig. 3 normalizes, by its 10th-largest eigenvalue (``normalized``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from rayexp.hessian.probes import probe
 
 SIGMA2 = 1e-5
 GRID_POINTS = 50_000
+NORMALIZATIONS = ("max_abs", "top10")  # JS₀ of spectral shape: nodes / max|λ| or / |λ_10| per block
+TOP_RANK = 10
 
 
 @dataclass
@@ -64,6 +68,22 @@ class Quadrature:
         hi = np.mean([row[w > 0].max() for row, w in zip(self.nodes, self.weights)])
         return float(lo) - 1.0, float(hi) + 1.0
 
+    def scale(self, by: str) -> float:
+        """The normalizer of ``normalized``: ``max_abs`` = the largest |node|; ``top10`` = |the 10th-largest
+        eigenvalue| (arXiv 2402.16788 Fig. 3), read as the mean over probes of each probe's
+        ``TOP_RANK``-th largest Ritz value (its smallest when it has fewer nodes)."""
+        if by not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {by!r}; allowed: {', '.join(NORMALIZATIONS)}")
+        if by == "max_abs":
+            return float(np.abs(self.nodes[self.weights > 0]).max())
+        ranked = [np.sort(row[w > 0])[::-1] for row, w in zip(self.nodes, self.weights)]
+        return float(abs(np.mean([r[min(TOP_RANK, len(r)) - 1] for r in ranked])))
+
+    def normalized(self, by: str) -> "Quadrature":
+        """Nodes divided by ``scale(by)`` (weights unchanged; a zero scale leaves them as they are)."""
+        s = self.scale(by)
+        return Quadrature(self.nodes / s if s > 0 else self.nodes, self.weights)
+
     def grid(self, points: int = GRID_POINTS) -> np.ndarray:
         return np.linspace(*self.range(), points)
 
@@ -79,6 +99,21 @@ class Quadrature:
                 phi[lo:hi] += tau * np.exp(-(t - lam) ** 2 / (2 * sigma2)) / np.sqrt(2 * np.pi * sigma2) / n_v
         area = np.trapezoid(phi, grid)
         return grid, phi / area if area > 0 else phi
+
+
+    def masses(self, grid: np.ndarray, sigma2: float = SIGMA2) -> np.ndarray:
+        """φ's probability in the cell of each grid point (cells end half-way between points, the outer ones
+        unbounded): Σ τ_j/n_v (Φ((b − λ_j)/σ) − Φ((a − λ_j)/σ)). It sums to 1 however coarse the grid is
+        relative to σ, where point values of φ could miss a narrow Gaussian entirely."""
+        from scipy.special import ndtr
+        edges = np.concatenate([[-np.inf], (grid[1:] + grid[:-1]) / 2, [np.inf]])
+        out, sigma, n_v = np.zeros(len(grid)), sigma2 ** 0.5, len(self.nodes)
+        for lam, tau in zip(self.nodes.ravel(), self.weights.ravel()):
+            if tau > 0:  # the cells within ±10σ, and the two around them (mass beyond is < 1e-23)
+                lo, hi = np.searchsorted(edges, [lam - 10 * sigma, lam + 10 * sigma])
+                lo, hi = max(lo - 1, 0), min(hi + 1, len(edges))
+                out[lo:hi - 1] += tau / n_v * np.diff(ndtr((edges[lo:hi] - lam) / sigma))
+        return out
 
 
 def slq(op: HessianOperator, probes: int = 10, steps: int = 100, seed: int = 0,
@@ -146,8 +181,10 @@ def heterogeneity(matrix: np.ndarray) -> float:
 
 
 def block_densities(quads: dict[str, Quadrature], sigma2: float = SIGMA2, points: int = GRID_POINTS):
-    """(grid, densities (n_blocks, points), JS matrix, heterogeneity) on one common grid."""
+    """(grid, densities (n_blocks, points), JS matrix, heterogeneity) on one common grid; the JS distances are
+    between the densities' cell probabilities (``Quadrature.masses``), so a block whose nodes span a much wider
+    range than another's cannot leave the other's narrow peaks between grid points."""
     grid = common_grid(list(quads.values()), points)
     dens = np.stack([q.density(grid, sigma2)[1] for q in quads.values()])
-    mat = js_matrix(dens)
+    mat = js_matrix(np.stack([q.masses(grid, sigma2) for q in quads.values()]))
     return grid, dens, mat, heterogeneity(mat)

@@ -8,17 +8,18 @@ Every ``run(ctx)`` sees only ``ctx.op`` (a ``HessianOperator``), the config and 
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from rayexp.config import HESSIAN_TASKS, ConfigError
+from rayexp.config import BLOCK_RULES, HESSIAN_TASKS, ConfigError
 from rayexp.hessian import estimators as est
 from rayexp.hessian.lanczos import lanczos, select
-from rayexp.hessian.operator import Block, dot
-from rayexp.hessian.slq import block_densities, slq, slq_blocks
+from rayexp.hessian.operator import Block, FlatRotation, dot
+from rayexp.hessian.slq import NORMALIZATIONS, block_densities, slq, slq_blocks
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Context:
     chunk: dict = field(default_factory=dict)  # task → vectors per product call
     basis_device: dict = field(default_factory=dict)  # task → where a kept Lanczos basis lives
     store: Optional[torch.device] = None  # where the 1-1 norm's per-row samples live
+    rotation: Optional[FlatRotation] = None  # the basis of the rotated 1-1 norm (hessian.l11_rotation)
     metrics: dict = field(default_factory=dict)
     arrays: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
@@ -102,6 +104,9 @@ def _slq_blocks(ctx: Context) -> None:
                       block_nodes=_stack_padded([q.nodes for q in quads.values()]),
                       block_weights=_stack_padded([q.weights for q in quads.values()]))
     ctx.metrics["js_heterogeneity"] = het
+    for by in NORMALIZATIONS:  # the same quadratures, each block's nodes on its own scale
+        shape = {n: q.normalized(by) for n, q in quads.items()}
+        ctx.metrics[f"js_heterogeneity_{by}"] = block_densities(shape, cfg.slq_sigma2, cfg.grid_points)[3]
     ctx.metrics.update({f"block_moment1/{n}": q.moment(1) for n, q in quads.items()})
 
 
@@ -126,15 +131,19 @@ task("frobenius", "‖H‖_F and ‖H‖_F² = E‖Hv‖² (same products as tra
 
 
 def _l11_hvps(c, s) -> int:
-    return c.cauchy_vectors * (2 if c.l11_rotation != "none" else 1) + c.l11_rows
+    return c.cauchy_vectors * (2 if s.get("l11_rotation") is not None else 1) + c.l11_rows
 
 
-@task("l11", "‖H‖₁,₁ by Cauchy sketches (hessian.cauchy_vectors), per block, native and rotated basis",
-      hvps=_l11_hvps, vectors=lambda c, s: 3 + c.cauchy_vectors / 2)
+def _l11_vectors(c, s) -> float:
+    """3 + k/2 (the fp32 samples); a rotated basis adds its matrices and 2 vectors of each rotated product."""
+    return 3 + c.cauchy_vectors / 2 + (s["l11_rotation"] + 2 if s.get("l11_rotation") is not None else 0)
+
+
+@task("l11", "‖H‖₁,₁ by Cauchy sketches (hessian.cauchy_vectors), per block, native and rotated basis "
+      "(hessian.l11_rotation; train: the checkpoint's training rotation)", hvps=_l11_hvps, vectors=_l11_vectors)
 def _l11(ctx: Context) -> None:
-    op, cfg = ctx.op, ctx.cfg
-    variants = [("l11", op)] + ([("l11_rotated", op.rotated(cfg.l11_rotation, cfg.seed))]
-                                if cfg.l11_rotation != "none" else [])
+    op, cfg, rot = ctx.op, ctx.cfg, ctx.rotation
+    variants = [("l11", op)] + ([("l11_rotated", op.rotated(rot))] if rot is not None and not rot.identity else [])
     for prefix, o in variants:
         samples = est.cauchy_samples(o, cfg.cauchy_vectors, cfg.seed, ctx.chunk.get("l11", 1), ctx.store)
         for method in est.L11_METHODS:
@@ -145,15 +154,48 @@ def _l11(ctx: Context) -> None:
                                {name: float(rows.sum()), f"{name}_over_d": float(rows.sum() / len(rows))})
         op.count += o.count if o is not op else 0
         del samples
+    if rot is not None and rot.identity:  # trained unrotated: the training basis is the native one
+        ctx.metrics.update({k.replace("l11", "l11_rotated", 1): v for k, v in list(ctx.metrics.items())
+                            if k.startswith("l11") and not k.startswith("l11_sample")})
     if cfg.l11_rows:
         ctx.metrics.update(est.l11_row_sample(op, cfg.l11_rows, cfg.seed, ctx.chunk.get("l11", 1)))
 
 
-@task("block_curvature", "seed 003's per-batch, per-block [λ_max(H_bb), ‖g_b‖] (hessian.curvature_steps)",
-      hvps=lambda c, s: s["batches"] * s["curv_blocks"] * c.curvature_steps, vectors=lambda c, s: 4)
+def l11_rotation(op, cfg, train_rotation: Optional[FlatRotation]) -> Optional[FlatRotation]:
+    """The basis of the rotated 1-1 norm: a fresh ``per_tensor``/``global`` rotation keyed by hessian.seed, the
+    training rotation (``train``), or None (``none``)."""
+    if "l11" not in cfg.tasks or cfg.l11_rotation == "none":
+        return None
+    if cfg.l11_rotation != "train":
+        return FlatRotation.of_kind(cfg.l11_rotation, cfg.seed, op.products.names, op.products.shapes).to(op.device)
+    if train_rotation is None:
+        raise ConfigError("hessian.l11_rotation=train needs the rotation the model was trained in: analyze a "
+                          "checkpoint (python -m rayexp.hessian --checkpoint DIR), or set hessian.l11_rotation to "
+                          "none, per_tensor or global")
+    return train_rotation.to(op.device)
+
+
+def _curvature_hvps(c, s) -> int:
+    """Lanczos: curvature_steps per block; power: at most power_iters per eigenvalue, power_top_n of them."""
+    per = c.power_iters * c.power_top_n if c.curvature_method == "power" else c.curvature_steps
+    return s["batches"] * s["curv_blocks"] * per
+
+
+def _curvature_vectors(c, s) -> float:
+    """4, plus what the lockstep runs keep over the blocks' share of d: a Lanczos basis of curvature_steps
+    vectors, or the power iterate and up to power_top_n deflation vectors."""
+    if c.curvature_method == "power":
+        return 4 + (c.power_top_n + 1) * s["curv_share"]
+    return 4 + c.curvature_steps * s["curv_share"] * (0.5 if c.dtype != "fp64" else 1.0)
+
+
+@task("block_curvature", "seed 003's per-batch, per-block [λ_max(H_bb), ‖g_b‖] (hessian.curvature_method: lanczos, "
+      "exact; power, the seed's power iteration)", hvps=_curvature_hvps, vectors=_curvature_vectors)
 def _block_curvature(ctx: Context) -> None:
-    arr = est.block_curvature(ctx.op, ctx.curv_blocks, ctx.cfg.curvature_steps, ctx.cfg.seed,
-                              chunk=ctx.chunk.get("block_curvature", 0))
+    cfg = ctx.cfg
+    power = dict(top_n=cfg.power_top_n, iters=cfg.power_iters, tol=cfg.power_tol)
+    arr = est.block_curvature(ctx.op, ctx.curv_blocks, cfg.curvature_steps, cfg.seed,
+                              chunk=ctx.chunk.get("block_curvature", 0), method=cfg.curvature_method, power=power)
     ctx.arrays.update(block_curvature=arr, block_curvature_names=np.array([b.name for b in ctx.curv_blocks]))
     pos = arr[..., 0] > 0
     corr = np.corrcoef(np.log10(arr[..., 0][pos]), np.log10(arr[..., 1][pos] + 1e-30))[0, 1] if pos.sum() > 2 else np.nan
@@ -172,8 +214,40 @@ assert set(TASKS) == set(HESSIAN_TASKS), "rayexp.config.HESSIAN_TASKS and the re
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def select_blocks(blocks: Sequence[Block], patterns: Optional[list[str]], default=None) -> list[Block]:
-    """Blocks whose names match any fnmatch pattern (None: ``default(blocks)`` or all)."""
+# A seed's block list (hessian.blocks: NAME), for GPT-2: the tensors of each sampled layer, the layers the seed
+# samples from its 12-layer model (mapped to n_layer layers at the same relative depth), and the extra blocks.
+BLOCK_RULES_SPEC = {
+    # seed 001: config/train_gpt2_small.py:44-69 (wq/wk/wv/wo, c_fc, c_proj of layers 0, 3, 7, 11, and wte)
+    "seed001": (("attn.c_attn.weight.q", "attn.c_attn.weight.k", "attn.c_attn.weight.v", "attn.c_proj.weight",
+                 "mlp.c_fc.weight", "mlp.c_proj.weight"), (0, 3, 7, 11), ("transformer.wte.weight",)),
+    # seed 003: hessian_per_param.py:28-50 (roberta: LayerNorms, query/key/value, intermediate and output dense
+    # of layers 0, 6, 11, and the head; in GPT-2: ln_1, q/k/v, c_fc, ln_2, mlp.c_proj, and the tied head wte)
+    "seed003": (("ln_1.weight", "attn.c_attn.weight.q", "attn.c_attn.weight.k", "attn.c_attn.weight.v",
+                 "mlp.c_fc.weight", "ln_2.weight", "mlp.c_proj.weight"), (0, 6, 11), ("transformer.wte.weight",)),
+}
+SEED_LAYERS = 12  # the seeds' GPT-2 / RoBERTa depth their layer lists refer to
+assert set(BLOCK_RULES_SPEC) == set(BLOCK_RULES), "rayexp.config.BLOCK_RULES and BLOCK_RULES_SPEC must agree"
+
+
+def rule_blocks(blocks: Sequence[Block], rule: str) -> list[Block]:
+    """The blocks of a seed's list (``BLOCK_RULES_SPEC``): layer s of the seed's 12 is layer
+    round(s (L − 1) / 11) of this model's L, duplicates once; block order follows the model."""
+    tensors, seed_layers, extra = BLOCK_RULES_SPEC[rule]
+    depth = 1 + max([int(m.group(1)) for b in blocks if (m := re.match(r"transformer\.h\.(\d+)\.", b.name))],
+                    default=-1)
+    if depth == 0:
+        raise ConfigError(f"hessian.blocks={rule} names GPT-2 blocks (transformer.h.N.*) and this model has none; "
+                          f"allowed here: a list of fnmatch patterns, e.g. ['*weight*']")
+    layers = sorted({int(s * (depth - 1) / (SEED_LAYERS - 1) + 0.5) for s in seed_layers})
+    wanted = {f"transformer.h.{i}.{t}" for i in layers for t in tensors} | set(extra)
+    return [b for b in blocks if b.name in wanted]
+
+
+def select_blocks(blocks: Sequence[Block], patterns, default=None) -> list[Block]:
+    """Blocks whose names match any fnmatch pattern, or a seed's rule (a name in ``BLOCK_RULES``; None:
+    ``default(blocks)`` or all)."""
+    if isinstance(patterns, str):
+        return rule_blocks(blocks, patterns)
     if not patterns:
         return list(default(blocks) if default else blocks)
     chosen = [b for b in blocks if any(fnmatch.fnmatch(b.name, p) for p in patterns)]
