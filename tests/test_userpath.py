@@ -51,9 +51,9 @@ def _runs(uri, experiment="adam_vs_sgd"):
 
 
 def _interrupt_sweep(tmp, sig, *args):
-    """Start the default sweep, send ``sig`` once a trial has evaluated, and return (exit status, output,
-    seconds from the signal to the exit). SIGINT goes to the process group, as Ctrl-C does; SIGTERM to the
-    driver, as ``kill PID`` does (to the group it would also stop Ray's own GCS, which dies on SIGTERM)."""
+    """Start the default sweep in its own session, send ``sig`` to its process group once a trial has evaluated
+    (as Ctrl-C, or a service manager's stop, does: Ray's GCS and raylet get it too), and return (exit status,
+    output, seconds from the signal to the exit, the group's id)."""
     proc = subprocess.Popen([sys.executable, "-m", "rayexp.sweep", *args], cwd=tmp, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
     lines = []
@@ -61,30 +61,37 @@ def _interrupt_sweep(tmp, sig, *args):
         lines.append(line)
         if "step    10/" in line:
             break
-    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
+    os.killpg(proc.pid, sig)
     t0 = time.time()
     rest, _ = proc.communicate(timeout=120)
-    return proc.returncode, "".join(lines) + rest, time.time() - t0
+    return proc.returncode, "".join(lines) + rest, time.time() - t0, proc.pid
+
+
+def _resume_finishes_every_trial_once(tmp, name):
+    """``--resume NAME`` exits 0 with 8 FINISHED child runs, one per trial key, and the parent FINISHED."""
+    done, _ = _cli("rayexp.sweep", tmp, "--resume", name, *_local(tmp), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Failed to fetch" not in done.stdout + done.stderr, done.stdout[:3000]
+    runs = _runs(f"sqlite:///{tmp}/mlflow.db")
+    children = [r for r in runs if r.data.tags.get("rayexp.kind") == "trial"]
+    keys = [r.data.tags["rayexp.trial_key"] for r in children]
+    assert len(children) == 8 and len(set(keys)) == 8, keys
+    assert {(r.info.status, r.data.tags["rayexp.status"]) for r in children} == {("FINISHED", "finished")}
+    assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"FINISHED"}
+    return done, runs
 
 
 @pytest.mark.slow
 def test_sigint_marks_runs_killed_and_resume_finishes_every_trial_once(tmp_path):
-    rc, out, secs = _interrupt_sweep(tmp_path, signal.SIGINT, *QUICK, *_local(tmp_path))
+    rc, out, secs, _ = _interrupt_sweep(tmp_path, signal.SIGINT, *QUICK, *_local(tmp_path))
     assert rc == 130 and secs < 30, (secs, out)
     assert "Tuner.restore" not in out, out
     name = out.strip().splitlines()[-1].split("--resume ")[1].split()[0]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    runs = _runs(uri)
+    runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     (parent,) = [r for r in runs if r.data.tags.get("rayexp.kind") == "sweep"]
     assert parent.info.status == "KILLED" and parent.info.run_name == name
     assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
-    done, _ = _cli("rayexp.sweep", tmp_path, "--resume", name, *_local(tmp_path), timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    children = [r for r in _runs(uri) if r.data.tags.get("rayexp.kind") == "trial"]
-    keys = [r.data.tags["rayexp.trial_key"] for r in children]
-    assert len(children) == 8 and len(set(keys)) == 8, keys
-    assert {(r.info.status, r.data.tags["rayexp.status"]) for r in children} == {("FINISHED", "finished")}
-    assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "FINISHED"
+    done, _ = _resume_finishes_every_trial_once(tmp_path, name)
     summary = done.stdout.split("best config per optimizer")[1]  # every trial counted, a winner, edge notes
     assert summary.count("finished:4") == 2 and "8 trials: 8 finished" in summary, summary
     assert "winner: " in summary and "Welch t-test over seeds p=" in summary, summary
@@ -95,13 +102,27 @@ def test_sigint_marks_runs_killed_and_resume_finishes_every_trial_once(tmp_path)
 
 
 @pytest.mark.slow
-def test_sigterm_mid_sweep_exits_130_with_the_resume_command(tmp_path):
-    rc, out, secs = _interrupt_sweep(tmp_path, signal.SIGTERM, *QUICK, *_local(tmp_path))
-    assert rc == 130 and secs < 30 and "Tuner.restore" not in out and "Failed to fetch" not in out, out
-    assert "--resume adam_vs_sgd-" in out.strip().splitlines()[-1]
+def test_sigterm_to_the_process_group_exits_130_at_once_and_resume_finishes(tmp_path):
+    """SIGTERM to the group also ends Ray's GCS: the driver used to wait 60 s for it and die with exit 1
+    ("Failed to connect to GCS within 60 seconds"), leaving the MLflow runs RUNNING."""
+    rc, out, secs, pgid = _interrupt_sweep(tmp_path, signal.SIGTERM, *QUICK, *_local(tmp_path))
+    assert rc == 130 and "Failed to connect to GCS" not in out, (secs, out)
+    assert "Tuner.restore" not in out and "Failed to fetch" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert "--resume adam_vs_sgd-" in last, out
     runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"KILLED"}
-    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
+    for _ in range(100):  # Ray's processes die with the driver (zombies are reaped by init)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        ps = subprocess.run(["ps", "-eo", "pgid,pid,stat,cmd"], capture_output=True, text=True).stdout
+        pytest.fail("left in the group:\n" + "\n".join(p for p in ps.splitlines() if p.split()[0] == str(pgid)))
+    _resume_finishes_every_trial_once(tmp_path, last.split("--resume ")[1].split()[0])
 
 
 TRAIN = ["train.steps=20", "train.eval_every=10", "train.eval_batches=2", "train.log_every=10", "train.batch_size=4",
