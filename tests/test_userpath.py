@@ -78,6 +78,8 @@ def _resume_finishes_every_trial_once(tmp, name):
     assert len(children) == 8 and len(set(keys)) == 8, keys
     assert {(r.info.status, r.data.tags["rayexp.status"]) for r in children} == {("FINISHED", "finished")}
     assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"FINISHED"}
+    names = sorted(r.info.run_name for r in children)  # the varied values and the seed, once each
+    assert len(set(names)) == 8 and all(re.fullmatch(r"(adamw|sgd) lr=0\.\d+ seed=[01]", n) for n in names), names
     return done, runs
 
 
@@ -247,3 +249,31 @@ def test_rayexp_ui_serves_the_last_sweeps_store_links_its_runs_and_stops_its_wor
     time.sleep(1)
     with pytest.raises(ProcessLookupError):  # no worker of the server's process group is left
         os.killpg(server, 0)
+
+
+@pytest.mark.slow  # a new sqlite store's migrations take ~20 s on 2 busy cores
+def test_trial_run_names_carry_the_varied_values_and_are_unique_within_the_sweep(tmp_path):
+    """Two lrs equal to 3 significant digits get ``#2``; a resumed callback (new object) keeps counting."""
+    from rayexp import tracking
+    from rayexp.spaces import load_sweep
+    from rayexp.sweep.callback import SweepCallback
+    from rayexp.sweep.plan import plan
+    from rayexp.sweep.state import SweepState
+    p = tmp_path / "s.yaml"
+    p.write_text("optimizer:\n  name: {grid: [adamw, sgd]}\n  adamw: {lr: {grid: [1.0e-3, 1.0001e-3]}, "
+                 "betas: {grid: [[0.9, 0.95], [0.9, 0.99]]}}\n  sgd: {lr: 0.1}\nseeds: [0, 1]\n"
+                 "search: {algorithm: grid}\n")
+    spec = load_sweep(p, [f"output_dir={tmp_path}/out"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = tracking.sweep_parent_run(uri, "names", "k", run_name="names-1")
+    state = SweepState("names-1", "k", spec.raw, str(p), str(tmp_path / "rr"), uri, "names", parent)
+    trials = plan(spec, "k")
+    for t in trials[:5]:
+        SweepCallback(state, len(trials))._reporter(t)
+    cb = SweepCallback(state, len(trials))  # as after a resume: names read back from MLflow
+    for t in trials:
+        cb._reporter(t)
+    names = [r.info.run_name for r in tracking.sweep_children(uri, parent)]
+    assert len(names) == len(trials) == 10 and len(set(names)) == 10, names
+    assert "adamw lr=0.001 betas=[0.9, 0.95] seed=0" in names and "adamw lr=0.001 betas=[0.9, 0.95] seed=0 #2" in names
+    assert "sgd seed=1" in names, names  # sgd varies nothing but its seed
