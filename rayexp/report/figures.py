@@ -114,7 +114,8 @@ def plot_lr_sensitivity(configs: Sequence[Config], band: str = "std"):
     for i, (series, cs) in enumerate(by_series.items()):
         cs = sorted(cs, key=lambda c: c.lr)
         lrs = np.array([c.lr for c in cs])
-        stats = np.array([[*spread(c.finals(), band), c.final_stats()[1]] for c in cs])  # mean, lo, hi, std
+        # mean and std as the summary has them (inf when every seed diverged), the band's lo..hi
+        stats = np.array([[*c.final_stats()[:1], *spread(c.finals(), band)[1:], c.final_stats()[1]] for c in cs])
         ok = np.isfinite(stats[:, 0])
         color = f"C{i % 10}"
         yerr = np.nan_to_num([stats[ok, 0] - stats[ok, 1], stats[ok, 2] - stats[ok, 0]])
