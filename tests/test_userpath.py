@@ -277,3 +277,32 @@ def test_trial_run_names_carry_the_varied_values_and_are_unique_within_the_sweep
     assert len(names) == len(trials) == 10 and len(set(names)) == 10, names
     assert "adamw lr=0.001 betas=[0.9, 0.95] seed=0" in names and "adamw lr=0.001 betas=[0.9, 0.95] seed=0 #2" in names
     assert "sgd seed=1" in names, names  # sgd varies nothing but its seed
+
+
+def test_run_sh_installs_from_the_lock_while_it_matches_pyproject_and_names_a_stale_one(tmp_path):
+    """The committed lock is current; a dependency edit makes run.sh stop in one line (exit 2) before any
+    set-up; an edit outside the dependency tables does not."""
+    import hashlib
+    import shutil
+    for name in ("run.sh", "pyproject.toml", "requirements.lock"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    venv = tmp_path / "venv"  # an installed venv as run.sh stamps it, its python this one
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    stamp = hashlib.sha1((tmp_path / "requirements.lock").read_bytes() + (tmp_path / "run.sh").read_bytes())
+    (venv / f".rayexp-installed-{stamp.hexdigest()[:12]}").touch()
+    env = {**os.environ, "RAYEXP_VENV": str(venv), "PYTHON": sys.executable}
+
+    def run_sh():
+        return subprocess.run(["bash", "run.sh", "python", "-c", "print('ok')"], cwd=tmp_path, capture_output=True,
+                              text=True, env=env, timeout=60)
+    out = run_sh()
+    assert out.returncode == 0 and out.stdout == "ok\n" and not out.stderr, out.stderr
+    pyproject = tmp_path / "pyproject.toml"
+    text = pyproject.read_text()
+    pyproject.write_text(text.replace('addopts = "-ra"', 'addopts = "-ra -q"'))
+    assert run_sh().returncode == 0
+    pyproject.write_text(text.replace('"rich>=13",', '"rich>=13",\n  "tqdm>=4",'))
+    out = run_sh()
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr
+    assert "requirements.lock is stale" in out.stderr and out.stderr.strip().endswith("run bash run.sh lock")
