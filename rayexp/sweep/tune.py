@@ -13,8 +13,8 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -147,6 +147,32 @@ def new_state(spec: SweepSpec) -> SweepState:
     return state
 
 
+@contextmanager
+def _ray_in_its_own_process_group():
+    """Ray's processes (GCS, raylet, and the workers the raylet forks) start in a process group of their own.
+
+    They inherit the driver's group otherwise, and a signal to that group (a service manager's or a CI
+    timeout's SIGTERM; Ray's processes block only SIGINT) ends the GCS and raylet under the driver: Tune's
+    clean-up then waited 60 s for the GCS before Ray aborted the driver with exit 1, or the driver's core
+    worker exited at once on the dead raylet, leaving the MLflow runs RUNNING. Away from the group, only the
+    driver gets the signal and stops Tune in order, as on ``kill PID``. Ray's kernel fate-sharing (the
+    parent-death signal) still ends them with the driver. Ray starts them through ``services.ConsolePopen``.
+    """
+    from ray._private import services
+
+    base = services.ConsolePopen
+
+    class OwnGroupPopen(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, process_group=0, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = base
+
+
 def init_ray() -> None:
     """Join ``RAY_ADDRESS`` or start a local Ray; trial output goes to Ray's log files.
 
@@ -162,7 +188,8 @@ def init_ray() -> None:
 
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")  # Ray's own refresh after setting the mode (authentication_token_setup.py)
-    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
+    with _ray_in_its_own_process_group():
+        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
 
 
 def resume_command(state: SweepState) -> str:
@@ -189,75 +216,31 @@ class _NoRestoreHint(logging.Filter):
                 logger.addFilter(cls())
 
 
-SAVE_WAIT_S = 10.0  # a signal that also ended the local Ray: how long Tune may take to save its state
-
-
-def _local_ray_died() -> bool:
-    """Whether a process of the Ray this driver started (GCS, raylet, ...) has died, e.g. by a signal to the
-    whole process group. Ray's processes inherit the driver's group; only a local head's are ours to watch."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    return bool(node is not None and node.is_head() and node.dead_processes())
-
-
-def _state_saved_since(state: SweepState, t: float) -> bool:
-    """Whether Tune wrote its experiment state (what ``--resume`` restores) after time ``t``."""
-    return any(p.stat().st_mtime >= t for p in (Path(state.storage) / state.run_name).glob("experiment_state-*.json"))
-
-
 class _Stop:
     """SIGINT and SIGTERM handler during ``fit``: the first signal asks Tune to end the run after saving its
-    state (Tune's SIGUSR1 handler), a second one, or one before Tune is listening, raises KeyboardInterrupt.
+    state (Tune's SIGUSR1 handler), a second one, or one before Tune is listening, raises KeyboardInterrupt."""
 
-    A signal to the process group (Ctrl-C's SIGINT spares Ray's processes, which block it; SIGTERM does not)
-    also ends the local GCS and raylet: Tune's clean-up would then wait 60 s for the GCS and Ray abort the
-    driver with exit 1. A watcher thread notices the dead Ray, waits for Tune's final state file (at most
-    ``SAVE_WAIT_S``), marks the MLflow runs KILLED and exits 130 itself.
-    """
-
-    def __init__(self, state: SweepState):
-        self.state, self.signalled = state, False
-        self.done, self.reporting = threading.Event(), threading.Lock()  # fit returned; who reports the stop
-
-    def finish(self) -> None:
-        """``fit`` returned: the main thread reports (it waits here if the watcher already is, until its exit)."""
-        self.reporting.acquire()
-        self.done.set()
+    def __init__(self):
+        self.signalled = False
 
     def __call__(self, signum, frame) -> None:
         tune_listens = signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, signal.SIG_IGN, None)
         first, self.signalled = not self.signalled, True
-        if first:
-            threading.Thread(target=self._exit_if_ray_dies, args=(time.time(),), daemon=True).start()
         if not (first and tune_listens):
             raise KeyboardInterrupt
         signal.raise_signal(signal.SIGUSR1)
 
-    def _exit_if_ray_dies(self, since: float) -> None:
-        while not _local_ray_died():
-            if self.done.wait(0.1):  # fit returned: the main thread reports the interruption
-                return
-        deadline = since + SAVE_WAIT_S
-        while time.time() < deadline and not _state_saved_since(self.state, since):
-            if self.done.wait(0.1):
-                return
-        if not self.reporting.acquire(blocking=False):
-            return
-        _interrupted(self.state)
-        sys.stdout.flush()
-        os._exit(130)
 
-
-def _fit(t: tune.Tuner, state: SweepState) -> tuple[Optional[tune.ResultGrid], bool]:
+def _fit(t: tune.Tuner) -> tuple[Optional[tune.ResultGrid], bool]:
     """``t.fit()`` and whether a signal interrupted it (no result when it stopped before Tune's loop)."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours asks Tune to stop, and knows that it did
-    stop = _Stop(state)
+    stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return t.fit(), stop.signalled
     except KeyboardInterrupt:
         return None, True
     finally:
-        stop.finish()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -286,7 +269,7 @@ def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool =
     try:
         init_ray()
         _NoRestoreHint.install()
-        grid, interrupted = _fit(tuner(spec, state, trials, restore=resume), state)
+        grid, interrupted = _fit(tuner(spec, state, trials, restore=resume))
     except KeyboardInterrupt:  # before Tune's loop (e.g. while Ray starts)
         grid, interrupted = None, True
     except BaseException:
