@@ -401,3 +401,82 @@ def test_report_names_its_sweep_skips_one_without_finished_trials_and_tells_fail
     fig, _ = plot_lr_sensitivity(report.group_configs(sweep.runs))
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "diverged (all seeds)" in labels and "failed (all seeds)" in labels, labels
+
+
+BAND_SEEDS = (0, 1, 3)  # uneven: ± std differs from min..max even for values linear in the seed
+
+
+def _records(lrs, seeds=BAND_SEEDS, opt="adamw"):
+    """Runs of ``opt`` at each lr × seed with loss, MADA and curvature histories (no MLflow)."""
+    out = []
+    for lr in lrs:
+        for seed in seeds:
+            hist = {k: (np.array(STEPS, float), np.array([f(lr, seed, st) for st in STEPS]))
+                    for k, f in (("train_loss", lambda a, b, c: train_loss(opt, a, b, c)),
+                                 ("val_loss", lambda a, b, c: val_loss(opt, a, b, c)),
+                                 ("mada/beta1", lambda a, b, c: mada_beta1(b, c)),
+                                 ("curv/lambda_max", lambda a, b, c: 10.0 + seed ** 2 + c),
+                                 ("lr", lambda a, b, c: a))}
+            rec = report.RunRecord(f"{lr}-{seed}", f"{lr}-{seed}", {"optimizer.name": opt, "optimizer.lr": str(lr),
+                                   "seed": str(seed)}, {"rayexp.status": "finished"},
+                                   {"final/val_loss": val_loss(opt, lr, seed, STEPS[-1])})
+            rec.histories.update(hist)
+            out.append(rec)
+    return out
+
+
+def _overlapping_tick_labels(fig) -> list:
+    """Pairs of visible tick labels of one axis whose rendered (Agg) bounding boxes intersect."""
+    from itertools import combinations
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pairs = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+            boxes = [(t.get_text(), t.get_window_extent(canvas.get_renderer())) for t in labels]
+            pairs += [(a, b) for (a, ba), (b, bb) in combinations(boxes, 2) if ba.overlaps(bb)]
+    return pairs
+
+
+@pytest.mark.parametrize("lo, decades, n", [(1e-3, 0.25, 4), (1e-3, 0.05, 5), (1e-4, 0.01, 3), (1e-3, 2.5, 2),
+                                            (1e-6, 6, 13)])
+def test_lr_sensitivity_tick_labels_never_overlap_and_have_3_significant_digits(lo, decades, n):
+    """Narrow lr ranges used to get matplotlib's minor log labels (1.1×10⁻³, 1.2×10⁻³, ...) on top of each other."""
+    lrs = np.logspace(np.log10(lo), np.log10(lo) + decades, n)
+    fig, _ = report.plot_lr_sensitivity(report.group_configs(_records(lrs)))
+    assert _overlapping_tick_labels(fig) == []
+    texts = [t.get_text() for t in fig.axes[0].xaxis.get_ticklabels(which="both") if t.get_text()]
+    assert texts[0] == f"{lrs[0]:.3g}" and len(texts) >= 2, texts  # ticks at values tried, the first kept
+    assert all(len(re.sub(r"[^0-9]", "", t.split("e")[0]).lstrip("0")) <= 3 for t in texts), texts
+
+
+def _drawn(fig) -> list:
+    """Every drawn polygon, line and error-bar segment of a figure, as arrays (what --band changes)."""
+    out = []
+    for ax in fig.axes:
+        out += [p.vertices for c in ax.collections for p in c.get_paths()]
+        out += [np.asarray(line.get_xydata()) for line in ax.lines]
+    return out
+
+
+def test_band_applies_to_every_plot_that_aggregates_seeds():
+    from rayexp.report.figures import plot_sharpness
+    configs = report.group_configs(_records([1e-3, 3e-3]))
+    plots = {"loss_curves": lambda b: report.plot_loss_curves(report.best_per_series(configs), b),
+             "lr_sensitivity": lambda b: report.plot_lr_sensitivity(configs, b),
+             "mada": lambda b: report.plot_mada(configs, b), "sharpness": lambda b: plot_sharpness(configs, b)}
+    for name, plot in plots.items():
+        (f_std, d_std), (f_mm, d_mm) = plot("std"), plot("minmax")
+        a, b = _drawn(f_std), _drawn(f_mm)
+        assert len(a) == len(b) and any(x.shape != y.shape or not np.allclose(x, y) for x, y in zip(a, b)), name
+        titles = " ".join([f_mm._suptitle.get_text() if f_mm._suptitle else ""] + [ax.get_title() for ax in f_mm.axes])
+        assert "min..max over seeds" in titles, (name, titles)
+        key = next(iter(d_mm))
+        assert np.all(d_mm[key]["lo"] <= d_mm[key]["mean"]) and np.all(d_mm[key]["mean"] <= d_mm[key]["hi"]), name
+    finals = np.array([val_loss("adamw", 3e-3, s, STEPS[-1]) for s in BAND_SEEDS])  # lr_sensitivity's minmax band
+    d = report.plot_lr_sensitivity(configs, "minmax")[1]["adamw"]
+    assert d["lo"][1] == pytest.approx(finals.min()) and d["hi"][1] == pytest.approx(finals.max())
+    lam = plot_sharpness(configs, "minmax")[1][("curv/lambda_max", "adamw lr=0.001")]
+    assert np.allclose(lam["hi"] - lam["lo"], max(BAND_SEEDS) ** 2)

@@ -51,9 +51,9 @@ def _runs(uri, experiment="adam_vs_sgd"):
 
 
 def _interrupt_sweep(tmp, sig, *args):
-    """Start the default sweep, send ``sig`` once a trial has evaluated, and return (exit status, output,
-    seconds from the signal to the exit). SIGINT goes to the process group, as Ctrl-C does; SIGTERM to the
-    driver, as ``kill PID`` does (to the group it would also stop Ray's own GCS, which dies on SIGTERM)."""
+    """Start the default sweep in its own session, send ``sig`` to its process group once a trial has evaluated
+    (as Ctrl-C, a service manager's stop or a CI timeout does), and return (exit status, output, seconds from
+    the signal to the exit, the group's and session's id)."""
     proc = subprocess.Popen([sys.executable, "-m", "rayexp.sweep", *args], cwd=tmp, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
     lines = []
@@ -61,30 +61,39 @@ def _interrupt_sweep(tmp, sig, *args):
         lines.append(line)
         if "step    10/" in line:
             break
-    (os.killpg if sig == signal.SIGINT else os.kill)(proc.pid, sig)
+    os.killpg(proc.pid, sig)
     t0 = time.time()
     rest, _ = proc.communicate(timeout=120)
-    return proc.returncode, "".join(lines) + rest, time.time() - t0
+    return proc.returncode, "".join(lines) + rest, time.time() - t0, proc.pid
+
+
+def _resume_finishes_every_trial_once(tmp, name):
+    """``--resume NAME`` exits 0 with 8 FINISHED child runs, one per trial key, and the parent FINISHED."""
+    done, _ = _cli("rayexp.sweep", tmp, "--resume", name, *_local(tmp), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Failed to fetch" not in done.stdout + done.stderr, done.stdout[:3000]
+    runs = _runs(f"sqlite:///{tmp}/mlflow.db")
+    children = [r for r in runs if r.data.tags.get("rayexp.kind") == "trial"]
+    keys = [r.data.tags["rayexp.trial_key"] for r in children]
+    assert len(children) == 8 and len(set(keys)) == 8, keys
+    assert {(r.info.status, r.data.tags["rayexp.status"]) for r in children} == {("FINISHED", "finished")}
+    assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"FINISHED"}
+    names = sorted(r.info.run_name for r in children)  # the varied values and the seed, once each
+    assert len(set(names)) == 8 and all(re.fullmatch(r"(adamw|sgd) lr=0\.\d+ seed=[01]", n) for n in names), names
+    return done, runs
 
 
 @pytest.mark.slow
 def test_sigint_marks_runs_killed_and_resume_finishes_every_trial_once(tmp_path):
-    rc, out, secs = _interrupt_sweep(tmp_path, signal.SIGINT, *QUICK, *_local(tmp_path))
+    rc, out, secs, _ = _interrupt_sweep(tmp_path, signal.SIGINT, *QUICK, *_local(tmp_path))
     assert rc == 130 and secs < 30, (secs, out)
     assert "Tuner.restore" not in out, out
     name = out.strip().splitlines()[-1].split("--resume ")[1].split()[0]
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    runs = _runs(uri)
+    runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     (parent,) = [r for r in runs if r.data.tags.get("rayexp.kind") == "sweep"]
     assert parent.info.status == "KILLED" and parent.info.run_name == name
     assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
-    done, _ = _cli("rayexp.sweep", tmp_path, "--resume", name, *_local(tmp_path), timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    children = [r for r in _runs(uri) if r.data.tags.get("rayexp.kind") == "trial"]
-    keys = [r.data.tags["rayexp.trial_key"] for r in children]
-    assert len(children) == 8 and len(set(keys)) == 8, keys
-    assert {(r.info.status, r.data.tags["rayexp.status"]) for r in children} == {("FINISHED", "finished")}
-    assert MlflowClient(uri).get_run(parent.info.run_id).info.status == "FINISHED"
+    done, _ = _resume_finishes_every_trial_once(tmp_path, name)
     summary = done.stdout.split("best config per optimizer")[1]  # every trial counted, a winner, edge notes
     assert summary.count("finished:4") == 2 and "8 trials: 8 finished" in summary, summary
     assert "winner: " in summary and "Welch t-test over seeds p=" in summary, summary
@@ -95,13 +104,27 @@ def test_sigint_marks_runs_killed_and_resume_finishes_every_trial_once(tmp_path)
 
 
 @pytest.mark.slow
-def test_sigterm_mid_sweep_exits_130_with_the_resume_command(tmp_path):
-    rc, out, secs = _interrupt_sweep(tmp_path, signal.SIGTERM, *QUICK, *_local(tmp_path))
-    assert rc == 130 and secs < 30 and "Tuner.restore" not in out and "Failed to fetch" not in out, out
-    assert "--resume adam_vs_sgd-" in out.strip().splitlines()[-1]
+def test_sigterm_to_the_process_group_exits_130_at_once_and_resume_finishes(tmp_path):
+    """SIGTERM to the group used to end Ray's GCS and raylet too (they shared the driver's group): the driver
+    waited 60 s for the GCS and died with exit 1 ("Failed to connect to GCS within 60 seconds"), or its core
+    worker exited at once on the dead raylet, leaving the MLflow runs RUNNING."""
+    rc, out, secs, pgid = _interrupt_sweep(tmp_path, signal.SIGTERM, *QUICK, *_local(tmp_path))
+    assert rc == 130 and "Failed to connect to GCS" not in out, (secs, out)
+    assert "Tuner.restore" not in out and "Failed to fetch" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert "--resume adam_vs_sgd-" in last, out
     runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"KILLED"}
-    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
+    for _ in range(100):  # Ray's processes (in groups of their own, in the sweep's session) end with the driver
+        ps = subprocess.run(["ps", "-eo", "sid=,pid=,stat=,cmd="], capture_output=True, text=True).stdout
+        left = [p for p in ps.splitlines() if p.split()[0] == str(pgid) and not p.split()[2].startswith("Z")]
+        if not left:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("left in the sweep's session:\n" + "\n".join(left))
+    _resume_finishes_every_trial_once(tmp_path, last.split("--resume ")[1].split()[0])
 
 
 TRAIN = ["train.steps=20", "train.eval_every=10", "train.eval_batches=2", "train.log_every=10", "train.batch_size=4",
@@ -226,3 +249,60 @@ def test_rayexp_ui_serves_the_last_sweeps_store_links_its_runs_and_stops_its_wor
     time.sleep(1)
     with pytest.raises(ProcessLookupError):  # no worker of the server's process group is left
         os.killpg(server, 0)
+
+
+@pytest.mark.slow  # a new sqlite store's migrations take ~20 s on 2 busy cores
+def test_trial_run_names_carry_the_varied_values_and_are_unique_within_the_sweep(tmp_path):
+    """Two lrs equal to 3 significant digits get ``#2``; a resumed callback (new object) keeps counting."""
+    from rayexp import tracking
+    from rayexp.spaces import load_sweep
+    from rayexp.sweep.callback import SweepCallback
+    from rayexp.sweep.plan import plan
+    from rayexp.sweep.state import SweepState
+    p = tmp_path / "s.yaml"
+    p.write_text("optimizer:\n  name: {grid: [adamw, sgd]}\n  adamw: {lr: {grid: [1.0e-3, 1.0001e-3]}, "
+                 "betas: {grid: [[0.9, 0.95], [0.9, 0.99]]}}\n  sgd: {lr: 0.1}\nseeds: [0, 1]\n"
+                 "search: {algorithm: grid}\n")
+    spec = load_sweep(p, [f"output_dir={tmp_path}/out"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = tracking.sweep_parent_run(uri, "names", "k", run_name="names-1")
+    state = SweepState("names-1", "k", spec.raw, str(p), str(tmp_path / "rr"), uri, "names", parent)
+    trials = plan(spec, "k")
+    for t in trials[:5]:
+        SweepCallback(state, len(trials))._reporter(t)
+    cb = SweepCallback(state, len(trials))  # as after a resume: names read back from MLflow
+    for t in trials:
+        cb._reporter(t)
+    names = [r.info.run_name for r in tracking.sweep_children(uri, parent)]
+    assert len(names) == len(trials) == 10 and len(set(names)) == 10, names
+    assert "adamw lr=0.001 betas=[0.9, 0.95] seed=0" in names and "adamw lr=0.001 betas=[0.9, 0.95] seed=0 #2" in names
+    assert "sgd seed=1" in names, names  # sgd varies nothing but its seed
+
+
+def test_run_sh_installs_from_the_lock_while_it_matches_pyproject_and_names_a_stale_one(tmp_path):
+    """The committed lock is current; a dependency edit makes run.sh stop in one line (exit 2) before any
+    set-up; an edit outside the dependency tables does not."""
+    import hashlib
+    import shutil
+    for name in ("run.sh", "pyproject.toml", "requirements.lock"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    venv = tmp_path / "venv"  # an installed venv as run.sh stamps it, its python this one
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    stamp = hashlib.sha1((tmp_path / "requirements.lock").read_bytes() + (tmp_path / "run.sh").read_bytes())
+    (venv / f".rayexp-installed-{stamp.hexdigest()[:12]}").touch()
+    env = {**os.environ, "RAYEXP_VENV": str(venv), "PYTHON": sys.executable}
+
+    def run_sh():
+        return subprocess.run(["bash", "run.sh", "python", "-c", "print('ok')"], cwd=tmp_path, capture_output=True,
+                              text=True, env=env, timeout=60)
+    out = run_sh()
+    assert out.returncode == 0 and out.stdout == "ok\n" and not out.stderr, out.stderr
+    pyproject = tmp_path / "pyproject.toml"
+    text = pyproject.read_text()
+    pyproject.write_text(text.replace('addopts = "-ra"', 'addopts = "-ra -q"'))
+    assert run_sh().returncode == 0
+    pyproject.write_text(text.replace('"rich>=13",', '"rich>=13",\n  "tqdm>=4",'))
+    out = run_sh()
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.count("\n") == 1, out.stderr
+    assert "requirements.lock is stale" in out.stderr and out.stderr.strip().endswith("run bash run.sh lock")

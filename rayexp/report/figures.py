@@ -12,10 +12,25 @@ from rayexp.report.runs import HISTORY_KEYS, Config, HessianResult
 
 BANDS = ("std", "minmax")
 DENSITY_FLOOR = 1e-7  # spectra plots show densities down to this fraction of their peak
+TICK_GAP_PX = 6  # the least gap between two tick labels of a thinned axis, in pixels at the figure's dpi
+
+
+def spread(vals: np.ndarray, band: str) -> tuple[float, float, float]:
+    """``(mean, lo, hi)`` of finite seed values: mean ± sample std (ddof=1; 0 for one seed) or min..max."""
+    if band not in BANDS:
+        raise ValueError(f"band={band!r}; allowed: {', '.join(BANDS)}")
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return np.nan, np.nan, np.nan
+    mean = vals.mean()
+    if band == "minmax":
+        return mean, vals.min(), vals.max()
+    sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
+    return mean, mean - sd, mean + sd
 
 
 def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], band: str = "std"):
-    """Mean over seeds at each step, with a band: mean ± sample std (ddof=1) or the min..max over seeds.
+    """Mean over seeds at each step, with a band (``spread``): mean ± sample std or the min..max over seeds.
 
     Steps are the union over curves; each step averages the curves that logged it (runs stopped early
     drop out). Returns ``(steps, mean, lo, hi, n)``; non-finite values are ignored.
@@ -26,15 +41,9 @@ def seed_band(curves: Sequence[tuple[np.ndarray, np.ndarray]], band: str = "std"
     mean, lo, hi, n = (np.full(len(steps), np.nan) for _ in range(4))
     for i, st in enumerate(steps):
         vals = np.array([v[s == st][-1] for s, v in curves if np.any(s == st)])
-        vals = vals[np.isfinite(vals)]
-        if not len(vals):
-            continue
-        n[i], mean[i] = len(vals), vals.mean()
-        if band == "std":
-            sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
-            lo[i], hi[i] = mean[i] - sd, mean[i] + sd
-        else:
-            lo[i], hi[i] = vals.min(), vals.max()
+        n[i] = np.isfinite(vals).sum() if len(vals) else 0
+        mean[i], lo[i], hi[i] = spread(vals, band)
+    n[n == 0] = np.nan
     return steps, mean, lo, hi, n
 
 
@@ -72,8 +81,30 @@ def _outcome(config: Config) -> str:
     return "failed" if any(r.status == "failed" for r in config.runs) else "diverged"
 
 
-def plot_lr_sensitivity(configs: Sequence[Config]):
-    """Final val loss (mean ± std over seeds) vs learning rate, log x, one line per series."""
+def thin_log_ticks(ax, values: Sequence[float]) -> None:
+    """x ticks at ``values`` (the learning rates tried), labelled with 3 significant digits, no minor labels;
+    from the left, a label that would come within ``TICK_GAP_PX`` of the last one kept is dropped (extents as
+    the Agg renderer draws them), so labels never overlap however close the values lie."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ticks = sorted({float(v) for v in values if np.isfinite(v) and v > 0})
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    canvas = FigureCanvasAgg(ax.figure)
+    canvas.draw()
+    kept, right = [], -np.inf
+    for label in ax.xaxis.get_majorticklabels():
+        box = label.get_window_extent(canvas.get_renderer())
+        if box.x0 >= right + TICK_GAP_PX:
+            kept.append(label.get_position()[0])
+            right = box.x1
+    ax.xaxis.set_major_locator(FixedLocator(kept))
+
+
+def plot_lr_sensitivity(configs: Sequence[Config], band: str = "std"):
+    """Final val loss (mean with a seed band, as ``spread``) vs learning rate, log x, one line per series."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     data, diverged = {}, []
@@ -83,13 +114,14 @@ def plot_lr_sensitivity(configs: Sequence[Config]):
     for i, (series, cs) in enumerate(by_series.items()):
         cs = sorted(cs, key=lambda c: c.lr)
         lrs = np.array([c.lr for c in cs])
-        stats = np.array([c.final_stats()[:2] for c in cs])
+        # mean and std as the summary has them (inf when every seed diverged), the band's lo..hi
+        stats = np.array([[*c.final_stats()[:1], *spread(c.finals(), band)[1:], c.final_stats()[1]] for c in cs])
         ok = np.isfinite(stats[:, 0])
         color = f"C{i % 10}"
-        ax.errorbar(lrs[ok], stats[ok, 0], yerr=np.nan_to_num(stats[ok, 1]), color=color, marker="o", capsize=3,
-                    label=series)
+        yerr = np.nan_to_num([stats[ok, 0] - stats[ok, 1], stats[ok, 2] - stats[ok, 0]])
+        ax.errorbar(lrs[ok], stats[ok, 0], yerr=yerr, color=color, marker="o", capsize=3, label=series)
         diverged += [(lr, color, _outcome(c)) for lr, c in zip(lrs[~ok], np.array(cs, dtype=object)[~ok])]
-        data[series] = {"lr": lrs, "mean": stats[:, 0], "std": stats[:, 1]}
+        data[series] = {"lr": lrs, "mean": stats[:, 0], "lo": stats[:, 1], "hi": stats[:, 2], "std": stats[:, 3]}
     if diverged:
         top, shown = ax.get_ylim()[1], set()
         for lr, color, outcome in diverged:  # × diverged, ▽ failed (raised): they are not the same story
@@ -99,11 +131,12 @@ def plot_lr_sensitivity(configs: Sequence[Config]):
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (optimizer.lr)")
     ax.set_ylabel("final val loss")
-    ax.set_title("LR sensitivity: mean ± std over seeds")
+    ax.set_title(f"LR sensitivity: {band_label(band)}")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
+    thin_log_ticks(ax, [c.lr for c in configs])
     return fig, data
 
 
@@ -145,9 +178,9 @@ def stability_thresholds(lr: np.ndarray, beta1: Optional[float]) -> tuple[np.nda
     return sgd, adam
 
 
-def plot_sharpness(configs: Sequence[Config]):
-    """λ_max(H) and Adam's preconditioned sharpness λ_max(P⁻¹H) against step (``curv/*``, mean over seeds),
-    each with its stability threshold from the logged learning rate."""
+def plot_sharpness(configs: Sequence[Config], band: str = "std"):
+    """λ_max(H) and Adam's preconditioned sharpness λ_max(P⁻¹H) against step (``curv/*``, mean over seeds with
+    a seed band), each with its stability threshold from the logged learning rate."""
     have = [c for c in configs if any("curv/lambda_max" in r.histories for r in c.runs)]
     if not have:
         return None, {}
@@ -163,14 +196,16 @@ def plot_sharpness(configs: Sequence[Config]):
             curves = [r.histories[key] for r in c.runs if key in r.histories]
             if not curves:
                 continue
-            steps, mean, _, _, _ = seed_band(curves, "minmax")
+            steps, mean, lo, hi, _ = seed_band(curves, band)
             ax.semilogy(steps, mean, color=color, label=name)
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.25, linewidth=0)
             if "lr" in run.histories:
                 lr = np.interp(steps, *run.histories["lr"])
                 threshold = stability_thresholds(lr, beta1)[which]
                 if threshold is not None:
                     ax.semilogy(steps, threshold, color=color, ls="--", lw=0.8)
-            data[(key, name)] = {"steps": steps, "mean": mean}
+            data[(key, name)] = {"steps": steps, "mean": mean, "lo": lo, "hi": hi}
+    fig.suptitle(f"λ_max: {band_label(band)}")
     ax_h.set(xlabel="step", ylabel="λ_max(H)", title="sharpness; dashed: 2/η")
     ax_p.set(xlabel="step", ylabel="λ_max(P⁻¹H)", title="preconditioned sharpness; dashed: (2+2β₁)/((1−β₁)η)")
     for ax in (ax_h, ax_p):

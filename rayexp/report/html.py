@@ -115,10 +115,10 @@ def _figures(configs: Sequence[Config], hess: list, band: str, out: Path) -> tup
     makers = {
         "loss_curves": (lambda: F.plot_loss_curves(best_per_series(configs), band),
                         "no train_loss/val_loss histories"),
-        "lr_sensitivity": (lambda: F.plot_lr_sensitivity(configs) if _lr_varies(configs) else (None, {}),
+        "lr_sensitivity": (lambda: F.plot_lr_sensitivity(configs, band) if _lr_varies(configs) else (None, {}),
                            "optimizer.lr takes a single value per series"),
         "mada": (lambda: F.plot_mada(configs, band), "no mada/* metrics (no MADA runs)"),
-        "sharpness": (lambda: F.plot_sharpness(configs), "no curv/lambda_max metrics (hessian.every = 0)"),
+        "sharpness": (lambda: F.plot_sharpness(configs, band), "no curv/lambda_max metrics (hessian.every = 0)"),
         "spectra": (lambda: F.plot_spectra(hess), "no hessian/*.npz with an slq density"),
         "block_spectra": (lambda: F.plot_block_spectra(hess), "no hessian/*.npz with blockwise densities"),
         "heterogeneity": (lambda: F.plot_heterogeneity(hess), "no hessian/*.npz with a JS matrix"),

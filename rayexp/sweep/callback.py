@@ -39,6 +39,7 @@ class SweepCallback(tune.Callback):
         self._clear()
 
     def _clear(self) -> None:
+        self.names: Optional[set] = None  # run names of the sweep's child runs, read from MLflow on first use
         self.reporters: dict[str, tracking.MlflowReporter] = {}
         self.open: dict[str, _Open] = {}
         self.tagged: dict[str, dict] = {}
@@ -50,12 +51,25 @@ class SweepCallback(tune.Callback):
         self.__dict__.update(d)
         self._clear()
 
+    def _run_name(self, trial: Trial) -> str:
+        """The trial's label, its varied values and seed (``adamw lr=0.003 seed=0``), made unique within the
+        sweep with `` #2``, `` #3``... (values that agree to 3 significant digits). Used only for a new run."""
+        if self.names is None:
+            self.names = {r.info.run_name for r in tracking.sweep_children(self.state.uri, self.state.parent_run_id)}
+        base = name = trial.label()
+        n = 1
+        while name in self.names:
+            n += 1
+            name = f"{base} #{n}"
+        self.names.add(name)
+        return name
+
     def _reporter(self, trial: Trial) -> tracking.MlflowReporter:
         if trial.key not in self.reporters:
             s = self.state
             self.reporters[trial.key] = tracking.MlflowReporter(
                 s.uri, s.experiment, trial.exp, trial.key, parent_run_id=s.parent_run_id,
-                tags={tracking.SWEEP_KEY_TAG: s.sweep_id})
+                tags={tracking.SWEEP_KEY_TAG: s.sweep_id}, run_name=self._run_name(trial))
         return self.reporters[trial.key]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -146,11 +147,49 @@ def new_state(spec: SweepSpec) -> SweepState:
     return state
 
 
+@contextmanager
+def _ray_in_its_own_process_group():
+    """Ray's processes (GCS, raylet, and the workers the raylet forks) start in a process group of their own.
+
+    They inherit the driver's group otherwise, and a signal to that group (a service manager's or a CI
+    timeout's SIGTERM; Ray's processes block only SIGINT) ends the GCS and raylet under the driver: Tune's
+    clean-up then waited 60 s for the GCS before Ray aborted the driver with exit 1, or the driver's core
+    worker exited at once on the dead raylet, leaving the MLflow runs RUNNING. Away from the group, only the
+    driver gets the signal and stops Tune in order, as on ``kill PID``. Ray's kernel fate-sharing (the
+    parent-death signal) still ends them with the driver. Ray starts them through ``services.ConsolePopen``.
+    """
+    from ray._private import services
+
+    base = services.ConsolePopen
+
+    class OwnGroupPopen(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, process_group=0, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = base
+
+
 def init_ray() -> None:
-    """Join ``RAY_ADDRESS`` or start a local Ray; trial output goes to Ray's log files."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING,
-                 include_dashboard=False, log_to_driver=False)
+    """Join ``RAY_ADDRESS`` or start a local Ray; trial output goes to Ray's log files.
+
+    A new local Ray keeps token authentication on (ray 2.60's default for ``ray.init()``) with the mode set
+    explicitly, as Ray does itself for that default, so that it does not warn "Token authentication is enabled"
+    on every sweep. ``RAY_AUTH_MODE`` from the environment wins; a real cluster (``RAY_ADDRESS``) keeps its own.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None and "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray's own refresh after setting the mode (authentication_token_setup.py)
+    with _ray_in_its_own_process_group():
+        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
 
 
 def resume_command(state: SweepState) -> str:
@@ -167,6 +206,14 @@ class _NoRestoreHint(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         return not any(d in msg for d in self.DROPPED)
+
+    @classmethod
+    def install(cls) -> None:
+        """Before ``Tuner.restore``, whose analysis of the saved trials logs "Failed to fetch metrics"."""
+        for name in cls.LOGGERS:
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, cls) for f in logger.filters):
+                logger.addFilter(cls())
 
 
 class _Stop:
@@ -186,8 +233,6 @@ class _Stop:
 
 def _fit(t: tune.Tuner) -> tuple[Optional[tune.ResultGrid], bool]:
     """``t.fit()`` and whether a signal interrupted it (no result when it stopped before Tune's loop)."""
-    for name in _NoRestoreHint.LOGGERS:
-        logging.getLogger(name).addFilter(_NoRestoreHint())
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours asks Tune to stop, and knows that it did
     stop = _Stop()
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -223,6 +268,7 @@ def run_sweep(spec: SweepSpec, state: Optional[SweepState] = None, quiet: bool =
         tracking.set_run_status(state.uri, state.parent_run_id, "RUNNING")
     try:
         init_ray()
+        _NoRestoreHint.install()
         grid, interrupted = _fit(tuner(spec, state, trials, restore=resume))
     except KeyboardInterrupt:  # before Tune's loop (e.g. while Ray starts)
         grid, interrupted = None, True
