@@ -11,7 +11,7 @@ VENV="${RAYEXP_VENV:-.venv}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 LOCK=requirements.lock
 UV_PIN="uv==0.13.9"
-EXTRAS="dev deepspeed jax hf vision"   # the extras the lock (and so CI) installs; torch's pin: pyproject's [tool.uv]
+EXTRAS="dev deepspeed jax hf"   # the extras the lock (and so CI) installs; not vision: PyPI's torchvision is a CUDA build that does not load next to the CPU torch; torch's pin: pyproject's [tool.uv]
 
 lock_inputs_sha() {  # what the lock is resolved from: pyproject's dependency tables and [tool.uv], the extras, uv
   "$PYTHON" - "$EXTRAS" "$UV_PIN" <<'EOF'

@@ -33,14 +33,14 @@ def experiment(kind: str):
 
 
 def dense_training_R(model, exp, steps_on=None) -> torch.Tensor:
-    """R (d × d) in named_parameters order, column i = the optimizer's ``Rotation.rotate`` of e_i mapped through
-    the optimizer's own parameter list (test-side mapping by tensor identity)."""
+    """R (d × d) in named_parameters order, column i = the optimizer's ``Rotation.rotate`` of e_i, its tensors
+    indexed in named_parameters order (the rotation's index, whatever the param groups' order)."""
     from rayexp.optim import build_optimizer
     opt = build_optimizer(model, exp.optimizer, exp.rotation)
     if steps_on is not None:
         steps_on(opt)
     named = list(model.named_parameters())
-    order = [p for g in opt.param_groups for p in g["params"]]
+    order = [p for _, p in named]
     pos = {id(p): k for k, (_, p) in enumerate(named)}
     sizes = [p.numel() for _, p in named]
     offsets = np.cumsum([0] + sizes)
@@ -70,7 +70,7 @@ def adam_steps(model, batches):
     return run
 
 
-@pytest.mark.parametrize("kind", ["per_tensor", "global", "eigenbasis"])
+@pytest.mark.parametrize("kind", ["per_tensor", "global", "eigenbasis", "randperm"])
 def test_training_rotation_is_the_optimizers_R_and_rotates_the_operator(kind, tmp_path):
     model, batches = make_model("gpt"), make_batches()
     exp = experiment(kind)
@@ -89,7 +89,10 @@ def test_training_rotation_is_the_optimizers_R_and_rotates_the_operator(kind, tm
     H = dense_reference(trained, batches)
     u = torch.randn(op.d, dtype=torch.float64)
     Hr = R @ H @ R.T
-    assert torch.allclose(op.rotated(flat).matvec(u), Hr @ u, atol=1e-9 * float(H.abs().max()))
+    # R here is the optimizer's fp32 draw (eigenbasis: its fp32 bases, exactly); the Hessian's is the float64
+    # draw from the same seed, which differs by fp32 rounding (~4e-8 per entry)
+    tol = 1e-9 if kind == "eigenbasis" else 1e-6
+    assert torch.allclose(op.rotated(flat).matvec(u), Hr @ u, atol=tol * float(H.abs().max()))
 
 
 def test_l11_task_in_the_training_basis_equals_dense_norms():
@@ -401,7 +404,7 @@ def test_seed_sweep_files_run_small_on_the_cpu(name, in_tmp):
             "seed003": ["curvature_gradnorm_logcorr", "grad_heterogeneity"]}[SWEEPS[name][0]]
     assert all(np.isfinite(m[k]) for k in want), {k: m.get(k) for k in want}
     if name == "seed000_l11.yaml":
-        assert exp.rotation.kind == "per_tensor" and m["l11_rotated"] != m["l11"]
+        assert exp.rotation.kind == "randperm" and m["l11_rotated"] != m["l11"]
 
 
 def test_memory_plan_counts_the_rotation_and_gpt2_124m_fits():

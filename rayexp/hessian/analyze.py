@@ -59,21 +59,24 @@ def fixed_batches(exp, hessian_cfg: HessianConfig, data=None) -> list[tuple[torc
 
 
 def training_rotation(model: torch.nn.Module, exp, path=None) -> FlatRotation:
-    """The rotation R that ``exp``'s optimizer ran in on ``model``, as a flat map in named_parameters order.
-
-    The optimizer is rebuilt from the experiment (``rayexp.optim.build_optimizer``: its parameter order, its
-    ``Rotation`` from ``rotation.seed``), so every rotation kind the optimizer knows works here unchanged;
-    kinds whose bases are optimizer state (eigenbasis) take them from the checkpoint's ``optim.pt``."""
+    """The rotation R that ``exp``'s optimizer ran in on ``model``, as a flat map in named_parameters order
+    (``rayexp.optim.rotation.training_rotation``, float64: the optimizer's own draws from ``rotation.seed``);
+    eigenbasis bases are optimizer state, read from the checkpoint's ``optim.pt``."""
     from rayexp.optim import build_optimizer
+    from rayexp.optim.rotation import training_rotation as optimizer_rotation
     if exp.rotation.kind == "none":
-        return FlatRotation(None, [])
-    opt = build_optimizer(model, exp.optimizer.model_copy(update={"fused": False}), exp.rotation)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if path is not None and (Path(path) / "optim.pt").is_file() and exp.rotation.kind == "eigenbasis":
+        return FlatRotation(None)
+    opt = None
+    if exp.rotation.kind == "eigenbasis":
+        if path is None or not (Path(path) / "optim.pt").is_file():
+            raise ConfigError("hessian.l11_rotation=train with rotation.kind=eigenbasis needs the checkpoint's "
+                              "optim.pt (its bases are learned)")
+        opt = build_optimizer(model, exp.optimizer.model_copy(update={"fused": False}), exp.rotation)
         opt.load_state_dict(torch.load(Path(path) / "optim.pt", map_location="cpu", weights_only=False))
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    states = [{k: v for k, v in opt.state.get(p, {}).items() if k.startswith("rot_")} for p in params]
-    return FlatRotation(opt.rotation, [name_of[id(p)] for p in params], states)
+    flat = optimizer_rotation(model, exp.rotation, opt, dtype=torch.float64)
+    if flat.states is not None:  # keep only the bases (the plan counts what is kept)
+        flat.states = [{k: v for k, v in st.items() if k.startswith("rot_")} for st in flat.states]
+    return FlatRotation(flat)
 
 
 def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, out_dir: Optional[str] = None,

@@ -213,55 +213,50 @@ def block_products(op: HessianOperator, blocks: Sequence[Block]):
 
 
 class FlatRotation:
-    """An optimizer's rotation R (``rayexp.optim.rotation.Rotation``: any kind, read only through its
-    ``rotate``/``unrotate`` of the optimizer's parameter list) as a map of flat vectors in
-    ``model.named_parameters()`` order (docs/methods.md "1-1 norm in the training basis").
+    """A training rotation R on the products' flat vectors: ``rayexp.optim.rotation.FlatRotation`` (the
+    optimizer's own map over ``model.named_parameters()`` order, any rotation kind) checked against the
+    products' parameter order (docs/methods.md "1-1 norm in the training basis"). ``flat=None`` is the
+    identity (a model trained unrotated)."""
 
-    ``names[j]`` is the parameter at the optimizer's index j, ``states[j]`` its optimizer state (eigenbasis
-    bases live there). ``rotation=None`` is the identity (a model trained unrotated)."""
-
-    def __init__(self, rotation, names: Sequence[str], states: Optional[Sequence[dict]] = None):
-        self.rotation, self.names = rotation, list(names)
-        self.states = list(states) if states is not None else [{} for _ in self.names]
+    def __init__(self, flat=None):
+        self.flat = flat
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every tensor the rotation and the kept states hold (what the memory plan counts)."""
-        return _nbytes(vars(self.rotation) if self.rotation is not None else {}) + _nbytes(self.states)
+        """Bytes of every tensor the rotation and its kept states hold (what the memory plan counts)."""
+        return 0 if self.flat is None else _nbytes(vars(self.flat.rotation)) + _nbytes(self.flat.states or [])
 
     @classmethod
     def of_kind(cls, kind: str, seed: int, names: Sequence[str], shapes: Sequence, max_dim: int = 8192) -> "FlatRotation":
-        """A fresh rotation of ``kind`` (per_tensor, global) over tensors of these shapes, as the optimizer
-        builds it with ``rotation.seed = seed`` (float64 matrices; no tensor of the shapes is allocated)."""
+        """A fresh rotation of ``kind`` over tensors of these shapes and names, as the optimizer builds it with
+        ``rotation.seed = seed`` (float64 matrices; no tensor of the shapes is allocated)."""
         from rayexp.config import RotationConfig
-        from rayexp.optim.rotation import Rotation
+        from rayexp.optim.rotation import FlatRotation as OptimFlat, Rotation
         like = [torch.zeros(1, dtype=torch.float64).expand(*s) for s in shapes]  # shape and dtype only
-        return cls(Rotation(like, RotationConfig(kind=kind, seed=seed, max_dim=max_dim)), names)
+        cfg = RotationConfig(kind=kind, seed=seed, max_dim=max_dim)
+        return cls(OptimFlat(Rotation(like, cfg, list(names), torch.float64)))
 
     @property
     def identity(self) -> bool:
-        return self.rotation is None or self.rotation.kind == "none"
+        return self.flat is None or self.flat.kind == "none"
 
     def to(self, device) -> "FlatRotation":
         """Every tensor the rotation and its states hold, moved to ``device`` once (floating ones as float64, an
         exact widening of fp32 matrices, so products do not cast them per vector)."""
-        if self.rotation is not None:
-            self.rotation.__dict__.update(_moved(vars(self.rotation), device))
-        self.states = _moved(self.states, device)
+        if self.flat is not None:
+            rot = self.flat.rotation
+            rot.__dict__.update(_moved(vars(rot), device))
+            self.flat.states = _moved(self.flat.states, device) if self.flat.states is not None else None
         return self
 
     def apply(self, products, V: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """R v (``inverse``: Rᵀ v) for each row of V (n, d), flat in ``products``' parameter order."""
         if self.identity:
             return V
-        f = self.rotation.unrotate if inverse else self.rotation.rotate
-        index = list(range(len(self.names)))
-        rows = []
-        for v in V.to(torch.float64):
-            parts = products.unflatten(v)
-            out = f(index, [parts[n] for n in self.names], self.states)
-            rows.append(products.flatten(dict(zip(self.names, out))))
-        return torch.stack(rows)
+        if list(products.names) != list(self.flat.rotation.names):
+            raise ValueError("the training rotation indexes other parameters than the Hessian's products")
+        V = V.to(torch.float64)
+        return self.flat.apply_t(V) if inverse else self.flat.apply(V)
 
 
 def _nbytes(obj) -> int:

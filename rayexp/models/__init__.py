@@ -11,9 +11,6 @@ describes for data of ``vocab_size`` tokens (and ``n_classes`` labels, padded wi
 from rayexp.config import VISION_KINDS, ConfigError, ModelConfig
 from rayexp.models.gpt2 import GPT, GPTConfig, PRESETS, gpt_config  # noqa: F401
 from rayexp.models.cnn import ConvConfig, TokenCNN, TokenMLP  # noqa: F401
-from rayexp.models.vision import declare_torchvision_ops
-
-declare_torchvision_ops()  # an installed torchvision imports (for us and for transformers) even beside a CPU torch
 
 
 def build(model_cfg: ModelConfig, vocab_size: int, n_classes: int | None = None, pad_id: int | None = None):

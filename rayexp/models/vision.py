@@ -15,7 +15,6 @@ torchvision-format state_dict into ``net``.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -28,38 +27,19 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torch
 VIT_B = dict(n_layer=12, n_head=12, n_embd=768)  # ViT-B/16 (Dosovitskiy et al. 2021, Table 1)
 RESNETS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBlock", [3, 4, 6, 3]),
            "resnet50": ("Bottleneck", [3, 4, 6, 3])}  # torchvision.models.resnet's block and stage depths
-_NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-
-
-def declare_torchvision_ops() -> None:
-    """Make an installed torchvision importable next to a torch it was not built for (PyPI's CUDA wheel beside
-    a CPU torch): its C++ ops then fail to load, and its import dies registering fakes for ``nms``/``qnms``
-    unless their schemas exist, so they are declared here (no kernels; detection ops fail when called, rayexp
-    calls none). Runs on ``import rayexp.models``, before anything (transformers included) imports torchvision;
-    a no-op where torchvision is absent, already imported, or its ops load."""
-    import importlib.util
-    spec = importlib.util.find_spec("torchvision") if "torchvision" not in sys.modules else None
-    if spec is None or not spec.submodule_search_locations:
-        return
-    lib = next(Path(spec.submodule_search_locations[0]).glob("_C*.so"), None)
-    try:
-        if lib is not None:
-            torch.ops.load_library(str(lib))
-            return
-    except OSError:
-        pass
-    for op in ("nms", "qnms"):
-        if not hasattr(torch.ops.torchvision, op):
-            torch.library.define(f"torchvision::{op}", _NMS_SCHEMA)
 
 
 def import_torchvision():
-    """``import torchvision`` (``declare_torchvision_ops`` has run), or one line saying how to install it."""
-    declare_torchvision_ops()
+    """``import torchvision``, or one line saying how to install it. torchvision must be built for the installed
+    torch: PyPI's 0.28.0 is a CUDA build whose C++ ops do not load next to a CPU torch (docs/methods.md
+    "Vision models")."""
     try:
         import torchvision as tv
     except ImportError:
         raise ConfigError("vision models need torchvision: pip install 'rayexp[vision]'") from None
+    except RuntimeError as e:  # "operator torchvision::nms does not exist": a torchvision for another torch
+        raise ConfigError(f"torchvision does not load next to torch {torch.__version__} ({e}); install the "
+                          f"torchvision built for it (a CPU torch needs the CPU build)") from None
     return tv
 
 

@@ -106,10 +106,12 @@ class ZooOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------------
     def _items(self) -> list[Item]:
-        items = []
+        items, pos = [], 0
         for group in self.param_groups:
             for p in group["params"]:
-                i = self.index[id(p)]
+                # DeepSpeed ZeRO swaps its own flat partitions into the groups: they index by position (it runs
+                # only unrotated element-wise families; the sweep pre-flight refuses the rest)
+                i, pos = self.index.get(id(p), pos), pos + 1
                 g = p.grad
                 if g is None:
                     if not self.rotation.mixes:
