@@ -165,3 +165,21 @@ def test_deepspeed_zero_refuses_whole_tensor_optimizers_in_one_line(override):
 def test_deepspeed_accepts_elementwise_optimizers_and_zero_0():
     for extra in (["optimizer.name=adamw"], ["optimizer.name=sgd"], ["rotation.kind=per_tensor", "deepspeed.zero_stage=0"]):
         check_strategy(load_experiment(None, ["resources.strategy=deepspeed", *extra]))
+
+
+def test_hessian_reorth_per_task_reaches_lanczos():
+    """120 steps on an 824-parameter model: the recurrence alone (reorth.top_eigs=none) loses orthogonality
+    and repeats λ_max (ghosts), full reorthogonalization gives eigvalsh's top 4; slq keeps its own mode."""
+    from test_hessian import dense_reference, make_batches, make_model
+
+    from rayexp.config import HessianConfig
+    from rayexp.hessian.analyze import analyze
+    model, batches = make_model("mlp"), make_batches()
+    ev = torch.linalg.eigvalsh(dense_reference(model, batches)).numpy()[::-1]
+    runs = {}
+    for mode in ("none", "full"):
+        cfg = HessianConfig(tasks=["top_eigs"], dtype="fp64", top_k=4, top_eigs_steps=120, reorth={"top_eigs": mode})
+        assert cfg.reorth["slq"] == "none" and cfg.reorth["block_curvature"] == "full"
+        runs[mode] = analyze(model, batches, cfg, progress=False)["arrays"]["top_eigs"]
+    assert np.allclose(runs["full"], ev[:4], rtol=1e-8)
+    assert np.allclose(runs["none"], ev[0], rtol=1e-6)  # ghost copies of the top eigenvalue
