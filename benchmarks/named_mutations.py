@@ -78,6 +78,16 @@ MUTATIONS = [
 ]
 
 
+def mutmut_row(workdir: str, name: str, tests: str):
+    """(name, file, old line, new line, tests, slow) from ``mutmut show NAME`` run in ``workdir``."""
+    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=workdir, capture_output=True,
+                          text=True).stdout.splitlines()
+    file = next(line[4:] for line in diff if line.startswith("--- "))
+    old = "\n".join(line[1:] for line in diff if line.startswith("-") and not line.startswith("---"))
+    new = "\n".join(line[1:] for line in diff if line.startswith("+") and not line.startswith("+++"))
+    return name, file, old, new, tests.split(","), False
+
+
 def copy_tree(dst: Path) -> None:
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, check=True).stdout.decode().split("\0")
@@ -91,8 +101,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--only", default="", help="comma-separated row numbers (1-based)")
     ap.add_argument("--fast", action="store_true", help="skip the rows marked slow (subprocess training, Ray)")
+    ap.add_argument("--mutmut-dir", help="a benchmarks/mutation.sh scratch dir: with --mutant, its mutants instead")
+    ap.add_argument("--mutant", action="append", default=[], metavar="NAME=TEST[,TEST]",
+                    help="a mutmut mutant (its one-line diff from `mutmut show`) and the tests that must kill it")
     args = ap.parse_args(argv)
     only = {int(x) for x in args.only.split(",") if x}
+    if args.mutant:
+        global MUTATIONS
+        MUTATIONS = [mutmut_row(args.mutmut_dir, *m.split("=", 1)) for m in args.mutant]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     print("| # | mutation | file | killed by | result |\n|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory(prefix="rayexp-named-mutations-") as tmp:

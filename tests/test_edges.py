@@ -183,3 +183,73 @@ def test_hessian_reorth_per_task_reaches_lanczos():
         runs[mode] = analyze(model, batches, cfg, progress=False)["arrays"]["top_eigs"]
     assert np.allclose(runs["full"], ev[:4], rtol=1e-8)
     assert np.allclose(runs["none"], ev[0], rtol=1e-6)  # ghost copies of the top eigenvalue
+
+
+# -- survivors of the mutation run (benchmarks/mutation_survivors.md) --------------------------------------
+def test_top_ritz_gives_lambda_max_and_its_eigenvector():
+    from rayexp.hessian.lanczos import top_ritz
+    A = spread_matrix()
+    lam, vecs = np.linalg.eigh(A)
+    got, y = top_ritz(FunctionOperator.numpy(lambda v: A @ v, 30), torch.from_numpy(np.ones(30)), 30)
+    assert got == pytest.approx(lam[-1], rel=1e-10)
+    assert abs(abs(float(y @ torch.from_numpy(vecs[:, -1]))) - 1) < 1e-8 and float(y.norm()) == pytest.approx(1.0)
+
+
+def test_quadratures_of_different_lengths_concatenate_with_zero_weight_padding():
+    from rayexp.hessian.slq import Quadrature
+    a = Quadrature(np.array([[1.0, 2.0]]), np.array([[0.25, 0.75]]))
+    b = Quadrature(np.array([[3.0, 4.0, 5.0]]), np.array([[0.2, 0.3, 0.5]]))
+    q = Quadrature.concat([a, b])
+    assert q.nodes.shape == q.weights.shape == (2, 3) and q.weights[0, 2] == 0.0
+    assert q.moment(1) == pytest.approx(0.5 * (0.25 + 1.5) + 0.5 * (0.6 + 1.2 + 2.5))
+
+
+def test_global_rotation_is_held_in_the_parameters_dtype():
+    from rayexp.config import OptimizerConfig, RotationConfig
+    from rayexp.optim import build_optimizer
+    for dtype in (torch.float32, torch.float64):
+        net = torch.nn.Linear(4, 3).to(dtype)
+        opt = build_optimizer(net, OptimizerConfig(name="adam"), RotationConfig(kind="global"))
+        assert opt.rotation.q.dtype == dtype and opt.rotation.q.shape == (15, 15)
+
+
+def test_signum_without_momentum_keeps_no_buffer():
+    from rayexp.config import OptimizerConfig
+    from rayexp.optim import build_optimizer
+    net = torch.nn.Linear(4, 3)
+    opt = build_optimizer(net, OptimizerConfig(name="signum", momentum=0.0, lr=0.1))
+    net(torch.ones(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.step()
+    assert not any(torch.is_tensor(v) and k != "step" for st in opt.state.values() for k, v in st.items())
+    for p, b, in zip(net.parameters(), before):  # plain sign descent
+        assert torch.allclose(p, b - 0.1 * torch.sign(p.grad))
+
+
+def test_random_search_samples_one_optimizer_per_sample_from_a_choice(tmp_path):
+    from rayexp.spaces import SweepSpec
+    from rayexp.sweep.plan import assignments
+    raw = {"optimizer": {"name": {"choice": ["adamw", "sgd"]}, "lr": {"loguniform": [1e-4, 1e-1]}},
+           "search": {"algorithm": "random", "num_samples": 6, "seed": 1}, "output_dir": str(tmp_path)}
+    a = assignments(SweepSpec(raw))
+    assert len(a) == 6 and {x["optimizer.name"] for x in a} == {"adamw", "sgd"}
+
+
+def test_prune_keeps_the_two_latest_checkpoints_and_ignores_a_half_written_one(tmp_path):
+    from rayexp.train.checkpoint import prune
+    for name in ("checkpoint_000010", "checkpoint_000020", "checkpoint_000030", "checkpoint_000040.tmp"):
+        (tmp_path / name).mkdir()
+    prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000020", "checkpoint_000030",
+                                                          "checkpoint_000040.tmp"]
+
+
+def test_a_checkpoint_without_checksums_is_checked_by_loading_its_files(tmp_path):
+    from rayexp.config import validate
+    from rayexp.train.checkpoint import save_checkpoint, verify
+    path = Path(save_checkpoint(tmp_path / "ckpt", torch.nn.Linear(2, 2), None, 3, validate({}), {"history": []}))
+    (path / "checksums.json").unlink()  # the older format
+    assert verify(path) == path
+    (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:20])
+    with pytest.raises(ConfigError, match="state.pt does not load .*corrupt or truncated"):
+        verify(path)
