@@ -253,3 +253,14 @@ def test_a_checkpoint_without_checksums_is_checked_by_loading_its_files(tmp_path
     (path / "state.pt").write_bytes((path / "state.pt").read_bytes()[:20])
     with pytest.raises(ConfigError, match="state.pt does not load .*corrupt or truncated"):
         verify(path)
+
+
+def test_hvp_unflatten_keeps_leading_dimensions_and_flatten_inverts_it():
+    from test_hessian import make_batches, make_model
+
+    from rayexp.hessian.hvp import HVP
+    h = HVP(make_model("mlp"), make_batches(), mode="fwd_rev", dtype="fp64")
+    v = torch.randn(3, 2, h.d, dtype=torch.float64)
+    parts = h.unflatten(v)
+    assert [t.shape for t in parts.values()] == [torch.Size([3, 2, *s]) for s in h.shapes]
+    assert torch.equal(h.flatten(parts, lead=2), v)
