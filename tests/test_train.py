@@ -1,7 +1,6 @@
 """The one-worker training loop: learning, exact resume, grad accumulation, divergence, CLI errors."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
