@@ -24,8 +24,10 @@ def test_cluster_yaml_passes_ray_autoscaler_validation():
     assert any("mlflow server" in c for c in config["head_setup_commands"])
     broken = copy.deepcopy(raw)
     broken["available_node_types"]["head"]["nod_config"] = broken["available_node_types"]["head"].pop("node_config")
-    with pytest.raises(Exception):
+    import jsonschema
+    with pytest.raises(jsonschema.ValidationError, match="'node_config' is a required property") as e:
         validate_config(prepare_config(broken))
+    assert list(e.value.path) == ["available_node_types", "head"]  # the schema names the broken node type
 
 
 def _ray_start(*args, env=None, groups=None):

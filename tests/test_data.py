@@ -68,9 +68,11 @@ def test_injected_encoding_never_shares_the_real_encodings_cache(tmp_path):
 
 
 def test_gpt2_without_bpe_files_is_a_config_error(tmp_path, monkeypatch):
-    """Empty tiktoken cache and a refused connection (a closed local proxy port): a one-line ConfigError."""
-    if "gpt2" in tiktoken.registry.ENCODINGS:
-        pytest.skip("tiktoken's gpt2 is already loaded in this process")
+    """Empty tiktoken cache and a refused connection (a closed local proxy port): a one-line ConfigError.
+    tiktoken's in-process registry is emptied of gpt2 for the test (another test may have loaded it)."""
+    from rayexp.data import tokenizers
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2", raising=False)
+    monkeypatch.delitem(tokenizers._INJECTED, "gpt2", raising=False)  # nor a stand-in another test left
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)

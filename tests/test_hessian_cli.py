@@ -29,9 +29,31 @@ def checkpoint(in_tmp):
     return path
 
 
+def dense_hessian_of_checkpoint(path) -> torch.Tensor:
+    """Hessian of the mean fp64 loss on the checkpoint's fixed Hessian batches, by torch.autograd.functional.hessian
+    (as tests/test_hessian.py's dense_reference; torch.func.hessian of this functional_call gave entries off by 0.08)."""
+    from torch.func import functional_call
+
+    from rayexp.hessian.analyze import fixed_batches
+    from rayexp.train.checkpoint import load_model
+    model, exp, _ = load_model(path, attention="naive")
+    model = model.double()
+    names, shapes = zip(*[(n, p.shape) for n, p in model.named_parameters()])
+    sizes = [s.numel() for s in shapes]
+    batches = fixed_batches(exp, exp.hessian)
+
+    def loss(flat):
+        params = {n: t.view(s) for n, s, t in zip(names, shapes, torch.split(flat, sizes))}
+        return sum(functional_call(model, params, (x, y))[1] for x, y in batches) / len(batches)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.autograd.functional.hessian(loss, flat, vectorize=True)
+
+
 def test_cli_writes_plan_npz_plots_and_table(checkpoint, capsys):
     rc = main(["--checkpoint", checkpoint, "blocks=[transformer.h.0.attn.c_attn.weight.*,transformer.h.0.mlp.c_fc.weight]",
-               "--tasks", "top_eigs,slq_blocks,l11", "--out", "res", "--no-progress"])  # key=value before the flags too
+               "--tasks", "top_eigs,slq_blocks,l11", "--out", "res", "--no-progress", "dtype=fp64",
+               "top_eigs_steps=60", "cauchy_vectors=200"])  # key=value before the flags too
     assert rc == 0
     out = capsys.readouterr().out
     plan, table = out.split("task ", 1)
@@ -47,6 +69,12 @@ def test_cli_writes_plan_npz_plots_and_table(checkpoint, capsys):
     assert values["l11"] == pytest.approx(z["l11_rows"].sum()) and values["l11_iqr"] == pytest.approx(z["l11_iqr_rows"].sum())
     assert z["l11_rows"].shape == z["l11_rotated_rows"].shape == (round(values["l11"] / values["l11_over_d"]),)
     assert (z["top_eigs"][:-1] >= z["top_eigs"][1:]).all()
+    H = dense_hessian_of_checkpoint(checkpoint)  # the truth the numbers in the file are graded against
+    ev = torch.linalg.eigvalsh(H).numpy()[::-1]
+    assert np.allclose(z["top_eigs"], ev[:len(z["top_eigs"])], rtol=1e-6)
+    exact_rows = H.abs().sum(1).numpy()
+    assert values["l11"] == pytest.approx(exact_rows.sum(), rel=0.05)  # 200 Cauchy vectors, ~3,000 rows
+    assert values["l11_inf"] == pytest.approx(exact_rows.max(), rel=0.5)
     with open("res/block_densities.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -48,13 +48,25 @@ def test_weight_tying_and_parameter_count():
 
 
 def test_presets_and_mfu_formula():
+    """6N + 12·L·d·T against torch's FlopCounterMode on a real forward + backward (naive attention): the
+    counted matmul FLOPs are exactly 6 × (matrix parameters, the tied head once) + 12·L·d·T per token, and
+    nanoGPT's N differs from the matrix parameters only by the biases and LayerNorm gains (6 FLOPs each)."""
+    from torch.utils.flop_counter import FlopCounterMode
     cfg = gpt_config(ModelConfig(preset="gpt2-124m"), 50304)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (12, 12, 768, 1024)
-    m = GPT(gpt_config(ModelConfig(preset="gpt2-tiny"), 256))
-    c = m.config
-    fpt = 6 * m.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
-    assert m.flops_per_token() == fpt
-    assert math.isclose(m.estimate_mfu(1000.0, 1e12), fpt * 1000.0 / 1e12)
+    m = GPT(gpt_config(ModelConfig(preset="gpt2-tiny", attention="naive"), 256))
+    c, B = m.config, 2
+    x, y = torch.randint(256, (B, c.block_size)), torch.randint(256, (B, c.block_size))
+    with FlopCounterMode(display=False) as counter:
+        m(x, y)[1].backward()
+    counted = counter.get_total_flops() / (B * c.block_size)
+    named = dict(m.named_parameters())
+    matrices = sum(p.numel() for n, p in named.items() if p.dim() == 2 and "wpe" not in n)
+    vectors = sum(p.numel() for p in named.values() if p.dim() == 1)
+    assert counted == 6 * matrices + 12 * c.n_layer * c.n_embd * c.block_size
+    assert m.flops_per_token() == counted + 6 * vectors
+    assert math.isclose(m.estimate_mfu(1000.0, 1e12), (counted + 6 * vectors) * 1000.0 / 1e12)
+    assert m.flops_per_token(seq_len=16) == m.flops_per_token() - 12 * c.n_layer * c.n_embd * (c.block_size - 16)
     assert set(PRESETS) == {"gpt2-tiny", "gpt2-mini", "gpt2-124m", "gpt2-350m"}
 
 

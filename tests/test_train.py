@@ -1,7 +1,6 @@
 """The one-worker training loop: learning, exact resume, grad accumulation, divergence, CLI errors."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -44,8 +43,11 @@ def test_resume_from_checkpoint_reproduces_losses_exactly(tmp_path):
     # an interrupted run: stopped by its reporter right after the step-20 checkpoint
     part = run_training(_exp(tmp_path / "b"), reporter=Collect(stop_at=20), workdir=str(tmp_path / "b"))
     assert part.status == "stopped" and part.checkpoint_dir.endswith("checkpoint_000020")
-    resumed = run_training(_exp(tmp_path / "b"), resume_from=part.checkpoint_dir, workdir=str(tmp_path / "b"))
+    rep = Collect()
+    resumed = run_training(_exp(tmp_path / "b"), reporter=rep, resume_from=part.checkpoint_dir,
+                           workdir=str(tmp_path / "b"))
     assert resumed.status == "finished"
+    assert [s for s, _, _ in rep.rows] == [25, 30, 35, 40]  # it went on from step 20; a fresh start reports 0..40
     assert _losses(resumed.history) == _losses(full.history)  # bit-exact, not approximately
 
 
@@ -63,7 +65,13 @@ def test_training_lowers_val_loss_and_checkpoint_loads(tmp_path):
     assert vals[-1] < 0.8 * vals[0]
     model, exp, vocab = load_model(res.checkpoint_dir, attention="naive")
     assert exp.model.attention == "naive" and vocab == 256
-    assert sum(p.numel() for p in model.parameters()) > 0
+    # the checkpoint holds the final weights: they give the run's last val loss (naive vs sdpa: fp32 rounding)
+    from contextlib import nullcontext
+
+    from rayexp.data import load_tokens
+    from rayexp.train.loop import evaluate
+    val = evaluate(model, load_tokens(exp.data, exp.model.block_size or 64).val, exp, "cpu", nullcontext())
+    assert val == pytest.approx(res.val_loss, abs=1e-5)
 
 
 def test_huge_learning_rate_is_reported_as_diverged(tmp_path):
@@ -113,10 +121,18 @@ def test_bad_input_gives_one_line_error_without_traceback(tmp_path, override, ne
 
 
 def test_cli_runs_and_logs_to_local_mlflow(tmp_path):
-    out = _cli(tmp_path, *FAST, "train.steps=10")
+    out = _cli(tmp_path, *FAST, "train.steps=10", "optimizer.name=sgd", "optimizer.lr=0.05")
     assert out.returncode == 0, out.stderr
     assert "final: status=finished step=10" in out.stdout
-    assert (Path(tmp_path) / "mlflow.db").exists()
+    printed = float(out.stdout.split("final: ")[1].split("val_loss=")[1].split()[0])
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.tags["rayexp.status"] == "finished"
+    assert run.data.params["optimizer.name"] == "sgd" and float(run.data.params["optimizer.lr"]) == 0.05
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [5, 10]
+    assert run.data.metrics["final/val_loss"] == pytest.approx(printed, abs=5e-5)  # printed to 4 decimals
+    assert "checkpoint" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
 
 @pytest.mark.slow

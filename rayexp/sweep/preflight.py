@@ -41,6 +41,11 @@ def check_hf(exp) -> None:
 
 def preflight(spec: SweepSpec, timeout: float = 5.0) -> None:
     """Every check, cheapest first; raises ConfigError at the first failure."""
+    if spec.base.resources.strategy == "deepspeed" or "resources.strategy" in spec.spaces:  # not inside a trial
+        from rayexp.sweep.plan import plan
+        from rayexp.train.launch import check_strategy
+        for exp in [t.exp for t in plan(spec, "preflight")] or [spec.base]:
+            check_strategy(exp)
     for corpus in corpora_of(spec):
         corpora.check(corpus, timeout)
     check_hf(spec.base)
