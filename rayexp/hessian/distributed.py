@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import time
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import ray
@@ -31,13 +32,49 @@ from rayexp.config import ConfigError, HessianConfig
 READY_TIMEOUT_S = 120
 
 
-def ensure_ray() -> bool:
-    """Start a local Ray (or join ``RAY_ADDRESS``) unless one is running; returns whether we started it."""
+@contextmanager
+def _ray_in_its_own_process_group():
+    """Ray's processes (GCS, raylet, and the workers the raylet forks) start in a process group of their own.
+
+    They inherit the driver's group otherwise, and a signal to that group (a service manager's or a CI
+    timeout's SIGTERM; Ray's processes block only SIGINT) ends the GCS and raylet under the driver: Tune's
+    clean-up then waited 60 s for the GCS before Ray aborted the driver with exit 1, or the driver's core
+    worker exited at once on the dead raylet, leaving the MLflow runs RUNNING. Away from the group, only the
+    driver gets the signal and stops in order, as on ``kill PID``. Ray's kernel fate-sharing (the
+    parent-death signal) still ends them with the driver. Ray starts them through ``services.ConsolePopen``.
+    """
+    from ray._private import services
+
+    base = services.ConsolePopen
+
+    class OwnGroupPopen(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, process_group=0, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = base
+
+
+def ensure_ray(logging_level: int = logging.ERROR) -> bool:
+    """Start a local Ray (or join ``RAY_ADDRESS``) unless one is running; returns whether we started it.
+
+    The one way rayexp starts Ray (sweeps too). A new local Ray keeps token authentication on (ray 2.60's
+    default for ``ray.init()``) with the mode set explicitly, as Ray does itself for that default, so that it
+    does not warn "Token authentication is enabled"; ``RAY_AUTH_MODE`` from the environment wins, and a real
+    cluster (``RAY_ADDRESS``) keeps its own."""
     if ray.is_initialized():
         return False
-    logging.getLogger("ray").setLevel(logging.ERROR)  # its start-up lines (local instance, token notice)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False,
-             logging_level=logging.ERROR)
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None and "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray's own refresh after setting the mode (authentication_token_setup.py)
+    with _ray_in_its_own_process_group():
+        ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level=logging_level)
     return True
 
 

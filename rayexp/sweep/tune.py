@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +22,7 @@ import ray
 from ray import tune
 
 from rayexp import tracking
+from rayexp.hessian.distributed import ensure_ray
 from rayexp.spaces import SweepSpec
 from rayexp.sweep.callback import SweepCallback, SweepState
 from rayexp.sweep.plan import Trial, plan, trials_of
@@ -147,49 +147,10 @@ def new_state(spec: SweepSpec) -> SweepState:
     return state
 
 
-@contextmanager
-def _ray_in_its_own_process_group():
-    """Ray's processes (GCS, raylet, and the workers the raylet forks) start in a process group of their own.
-
-    They inherit the driver's group otherwise, and a signal to that group (a service manager's or a CI
-    timeout's SIGTERM; Ray's processes block only SIGINT) ends the GCS and raylet under the driver: Tune's
-    clean-up then waited 60 s for the GCS before Ray aborted the driver with exit 1, or the driver's core
-    worker exited at once on the dead raylet, leaving the MLflow runs RUNNING. Away from the group, only the
-    driver gets the signal and stops Tune in order, as on ``kill PID``. Ray's kernel fate-sharing (the
-    parent-death signal) still ends them with the driver. Ray starts them through ``services.ConsolePopen``.
-    """
-    from ray._private import services
-
-    base = services.ConsolePopen
-
-    class OwnGroupPopen(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, process_group=0, **kwargs)
-
-    services.ConsolePopen = OwnGroupPopen
-    try:
-        yield
-    finally:
-        services.ConsolePopen = base
-
-
 def init_ray() -> None:
-    """Join ``RAY_ADDRESS`` or start a local Ray; trial output goes to Ray's log files.
-
-    A new local Ray keeps token authentication on (ray 2.60's default for ``ray.init()``) with the mode set
-    explicitly, as Ray does itself for that default, so that it does not warn "Token authentication is enabled"
-    on every sweep. ``RAY_AUTH_MODE`` from the environment wins; a real cluster (``RAY_ADDRESS``) keeps its own.
-    """
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address is None and "RAY_AUTH_MODE" not in os.environ:
-        from ray._raylet import Config
-
-        os.environ["RAY_AUTH_MODE"] = "token"
-        Config.initialize("")  # Ray's own refresh after setting the mode (authentication_token_setup.py)
-    with _ray_in_its_own_process_group():
-        ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False, log_to_driver=False)
+    """Join ``RAY_ADDRESS`` or start a local Ray (``rayexp.hessian.distributed.ensure_ray``: its processes in
+    their own process group, token authentication on without its warning); trial output goes to Ray's logs."""
+    ensure_ray(logging.WARNING)
 
 
 def resume_command(state: SweepState) -> str:
