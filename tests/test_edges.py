@@ -76,8 +76,10 @@ def test_lanczos_stops_on_an_invariant_subspace_with_exact_ritz_values():
 
 # -- divergence: one case per rule ----------------------------------------------------------------------
 def _detector(tmp, cache, factor=10.0):
+    from rayexp.data import load_data
+    from rayexp.models import block_size
     exp = tiny(tmp, cache, f"train.diverge_factor={factor}")
-    return _Loop(exp, None, None, None, None, None, None, 0, 1, Path(tmp), None,
+    return _Loop(exp, None, None, None, load_data(exp.data, block_size(exp.model)), None, None, 0, 1, Path(tmp), None,
                  {"step": 0, "history": [], "init_loss": None, "tokens": 0})
 
 

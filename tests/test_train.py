@@ -68,9 +68,9 @@ def test_training_lowers_val_loss_and_checkpoint_loads(tmp_path):
     # the checkpoint holds the final weights: they give the run's last val loss (naive vs sdpa: fp32 rounding)
     from contextlib import nullcontext
 
-    from rayexp.data import load_tokens
+    from rayexp.data import load_data
     from rayexp.train.loop import evaluate
-    val = evaluate(model, load_tokens(exp.data, exp.model.block_size or 64).val, exp, "cpu", nullcontext())
+    val = evaluate(model, load_data(exp.data, exp.model.block_size or 64), exp, "cpu", nullcontext())["val_loss"]
     assert val == pytest.approx(res.val_loss, abs=1e-5)
 
 
