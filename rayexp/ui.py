@@ -39,7 +39,9 @@ def _serve(uri: str, port: int, experiment_id: str, open_browser: bool) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    stop = signal.signal(signal.SIGTERM, _interrupt)
+    # both handlers explicit: a process started with SIGINT ignored (a script's background job, or a parent
+    # that ignores it) inherits that, and Python then installs no KeyboardInterrupt: Ctrl-C would not stop us
+    stop, sigint = signal.signal(signal.SIGTERM, _interrupt), signal.signal(signal.SIGINT, _interrupt)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc)
@@ -53,6 +55,7 @@ def _serve(uri: str, port: int, experiment_id: str, open_browser: bool) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, sigint)
         for sig in (signal.SIGTERM, signal.SIGKILL):  # the whole group: gunicorn and huey workers too
             try:
                 os.killpg(proc.pid, sig)

@@ -237,8 +237,11 @@ def test_rayexp_ui_serves_the_last_sweeps_store_links_its_runs_and_stops_its_wor
     finally:
         del os.environ["RAYEXP_HOME"]
     port = _free_port()
+    # started with SIGINT ignored, as a script's background job is (and as this suite's process may be after
+    # in-process sweeps): Ctrl-C must still stop it
     proc = subprocess.Popen([sys.executable, "-m", "rayexp.cli", "ui", "--no-browser", "--port", str(port)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     line = proc.stdout.readline()
     exp_id = MlflowClient(uri).get_experiment_by_name("uitest").experiment_id
     assert line.rstrip().endswith(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs   (Ctrl-C stops it)"), line
