@@ -33,7 +33,8 @@ def make_batches(n=2, bs=3, seed=1):
 
 
 def dense_reference(model, batches) -> torch.Tensor:
-    """Hessian of the mean fp64 cross-entropy over batches, by torch.autograd.functional.hessian."""
+    """Hessian of the mean fp64 cross-entropy over batches, by torch.autograd.functional.hessian; targets
+    equal to IGNORE_INDEX (cross_entropy's default ignore_index) are left out of each batch's mean."""
     m = copy.deepcopy(model).double()
     named = list(m.named_parameters())
     sizes = [p.numel() for _, p in named]
@@ -43,7 +44,7 @@ def dense_reference(model, batches) -> torch.Tensor:
         tot = 0
         for x, y in batches:
             logits = functional_call(m, params, (x,))[0]
-            tot = tot + F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+            tot = tot + F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         return tot / len(batches)
 
     flat = torch.cat([p.detach().reshape(-1) for _, p in named])

@@ -2,7 +2,6 @@
 masked loss, padding invariance, local pretrained folders, config errors; training through the CLI (GPT-2
 LM loss drops, a RoBERTa classifier beats chance, CLRS bfs reports exact-match accuracy); the Hessian CLI's
 top eigenvalue and per-block eigenvalues against torch.autograd.functional.hessian in fp64."""
-import copy
 import subprocess
 import sys
 
@@ -11,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 pytest.importorskip("transformers")
 
 from hf_fixtures import tiny_tokenizer  # noqa: E402
+from test_hessian import dense_reference  # noqa: E402
 from rayexp.config import IGNORE_INDEX, ConfigError, validate  # noqa: E402
 from rayexp.hessian.hvp import param_blocks  # noqa: E402
 from rayexp.models import build  # noqa: E402
@@ -171,26 +169,6 @@ def test_clrs_bfs_trains_and_reports_exact_match_accuracy(tmp_path):
 
 
 # -- curvature ---------------------------------------------------------------------------------------
-def _dense_hessian(model, batches) -> torch.Tensor:
-    """Hessian of the mean over batches of the mean scored-target cross-entropy, fp64, written here."""
-    m = copy.deepcopy(model).double()
-    named = list(m.named_parameters())
-    sizes = [p.numel() for _, p in named]
-
-    def loss(flat):
-        params = {n: t.view(p.shape) for (n, p), t in zip(named, torch.split(flat, sizes))}
-        total = 0
-        for x, y in batches:
-            logits = functional_call(m, params, (x,))[0]
-            keep = (y != IGNORE_INDEX).reshape(-1)
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1))[keep], y.reshape(-1)[keep])
-            total = total + nll
-        return total / len(batches)
-
-    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
-    return torch.autograd.functional.hessian(loss, flat, vectorize=True)
-
-
 def _hessian_case(tmp_path, kind):
     """A checkpoint of a shrunken HF model on project data: GPT-2 on task:minimum, RoBERTa on a parquet task."""
     hessian = {"batches": 2, "batch_size": 3, "probes": 1, "top_eigs_steps": 80, "slq_steps": 70,
@@ -231,7 +209,7 @@ def test_hessian_cli_matches_a_dense_hessian(tmp_path, kind):
                  str(tmp_path / "res"), "--no-progress"]) == 0
     z = np.load(tmp_path / "res" / "hessian.npz")
     model, exp, _ = load_model(path, attention="naive", dropout=0.0)
-    H = _dense_hessian(model, fixed_batches(exp, exp.hessian))
+    H = dense_reference(model, fixed_batches(exp, exp.hessian))
     ev = torch.linalg.eigvalsh(H).numpy()
     assert abs(z["top_eigs"][0] - ev[-1]) <= 1e-6 * abs(ev[-1])
     by_name = {b.name: b for b in param_blocks(model)}
