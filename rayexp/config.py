@@ -76,14 +76,14 @@ class HFConfig(BaseModel):
 
 class ModelConfig(_Strict):
     """What ``rayexp.models.build`` makes. ``preset`` sizes gpt2/cnn/mlp; ``hf`` a transformers model (``hf``, ``pretrained``); vision kinds (VISION_KINDS) use
-    torchvision's sizes, with ``n_layer``/``n_head``/``n_embd`` (MLP 4·n_embd) overriding ViT-B's,
-    ``image_size``/``patch_size`` the ViT input, ``stem``/``width`` the ResNet stem and base width (64:
-    torchvision's), and ``pretrained`` a local torchvision-format state_dict or HF model folder (docs/methods.md "Vision models").
+    the published sizes, with ``n_layer``/``n_head``/``n_embd`` (MLP 4·n_embd) overriding ViT-B's,
+    ``image_size``/``patch_size`` the ViT input, ``stem``/``width`` the ResNet stem and base width (64), and
+    ``pretrained`` a local state_dict or model folder (docs/methods.md "Vision models").
     """
     kind: Literal[MODEL_KINDS] = "gpt2"  # type: ignore[valid-type]
     norm: Literal[NORMS] = "pre"  # type: ignore[valid-type]
     hf: HFConfig = Field(default_factory=HFConfig)
-    pretrained: Optional[str] = None  # kind hf: a local model folder (or a hub name when online); vision: a state_dict
+    pretrained: Optional[str] = None  # kind hf: a local model folder (or a hub name when online); vision: a state_dict or folder
     preset: Optional[Literal[PRESETS]] = "gpt2-tiny"
     n_layer: Optional[int] = Field(None, ge=1)
     n_head: Optional[int] = Field(None, ge=1)

@@ -33,9 +33,13 @@ def make_batches(n=2, bs=3, seed=1):
 
 
 def dense_reference(model, batches) -> torch.Tensor:
-    """Hessian of the mean fp64 cross-entropy over batches, by torch.autograd.functional.hessian; targets
-    equal to IGNORE_INDEX (cross_entropy's default ignore_index) are left out of each batch's mean."""
-    m = copy.deepcopy(model).double()
+    """Hessian of the mean fp64 cross-entropy over batches, by torch.autograd.functional.hessian, of the model in
+    eval mode (BatchNorm on running statistics) with the math attention kernel (twice differentiable); targets
+    equal to IGNORE_INDEX (cross_entropy's default ignore_index) are left out of each batch's mean.
+    (``torch.func.hessian`` and ``jacrev(jacrev)`` of a ViT loss are not even symmetric in torch 2.13: no
+    reference.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    m = copy.deepcopy(model).double().eval()
     named = list(m.named_parameters())
     sizes = [p.numel() for _, p in named]
 
@@ -48,7 +52,8 @@ def dense_reference(model, batches) -> torch.Tensor:
         return tot / len(batches)
 
     flat = torch.cat([p.detach().reshape(-1) for _, p in named])
-    return torch.autograd.functional.hessian(loss, flat, vectorize=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hessian(loss, flat, vectorize=True)
 
 
 @pytest.fixture(scope="module", params=["gpt", "mlp", "cnn"])

@@ -20,7 +20,7 @@ exact and twice differentiable, so ``sdpa`` models work as well as ``naive`` one
 
 Vectors are flat: θ is the concatenation of ``model.named_parameters()`` (tied weights once), in that
 order. ``blocks`` names contiguous slices of it: one per parameter tensor, with the fused attention
-projections, GPT's ``c_attn`` and ``nn.MultiheadAttention``'s ``in_proj_weight``/``in_proj_bias`` (ViT), split
+projection, GPT's ``c_attn`` (also HF GPT-2's, as a Linear), split
 into Q, K and V (rows 0:C, C:2C, 2C:3C; row-major, so slices stay contiguous).
 
 The products are of the model in eval mode: BatchNorm uses its running statistics, so the loss is a
@@ -44,7 +44,7 @@ from rayexp.hessian.operator import Block
 MODES = ("cached", "double_backward", "fwd_rev", "fd")
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp64": torch.float64}
 LossFn = Callable[[Any, Any], torch.Tensor]
-FUSED_QKV = (".c_attn.", ".in_proj_weight", ".in_proj_bias")  # parameter names holding Q, K, V stacked by rows
+FUSED_QKV = (".c_attn.",)  # parameter names holding Q, K, V stacked by rows
 
 
 def token_cross_entropy(model, batch) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Models: GPT-2 (gpt2.py), small CNN/MLP baselines (cnn.py), Hugging Face transformers (hf.py) and
-torchvision image classifiers (vision.py). No Ray, no
-MLflow here. Every model's ``forward(x, y=None)`` returns ``(logits, loss)``: the mean cross-entropy over the
+image classifiers from transformers and torchvision (vision.py). No Ray, no MLflow here.
+Every model's ``forward(x, y=None)`` returns ``(logits, loss)``: the mean cross-entropy over the
 targets not equal to ``rayexp.config.IGNORE_INDEX`` (token models: logits (B, T, V), y (B, T); classifiers:
 logits (B, C), y (B,)).
 

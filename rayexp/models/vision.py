@@ -1,17 +1,21 @@
-"""Image classifiers from torchvision (``weights=None``): ResNet-18/34/50, VGG-16, DenseNet-121, ViT-B/16.
+"""Image classifiers, randomly initialized: ResNet-18/34/50 and ViT-B/16 from transformers
+(``ResNetForImageClassification``, ``ViTForImageClassification``), VGG-16 and DenseNet-121 from torchvision
+(``weights=None``; the ``vision`` extra). docs/methods.md "Vision models".
 
 ``ImageClassifier`` wraps one network as ``net``: it takes float32 images x (B, 3, H, W) in [0, 1], normalizes
-them with ImageNet's mean and std (torchvision's convention), and returns ``(logits (B, C), mean cross-entropy
-or None)``, so the training loop and the curvature engine treat it like GPT-2. Parameter names are
-torchvision's under ``net.`` (``net.layer1.0.conv1.weight``), one Hessian block per tensor; a ViT's fused
-``in_proj`` splits into Q, K, V as GPT's ``c_attn`` does (``rayexp.hessian.hvp.param_blocks``).
+them with ImageNet's mean and std, and returns ``(logits (B, C), mean cross-entropy or None)``, so the training
+loop and the curvature engine treat it like GPT-2. Parameter names are the library's under ``net.``
+(``net.resnet.embedder.embedder.convolution.weight``, ``net.vit.layers.0.attention.q_proj.weight``), one
+Hessian block per tensor (a ViT's Q, K, V are separate tensors).
 
-Sizes (docs/methods.md "Vision models"): ResNets take ``model.stem`` (``imagenet``: 7×7/2 conv + 3×3/2
-max-pool, torchvision's; ``cifar``: 3×3/1 conv, no pool, for 32×32 inputs) and ``model.width`` (base width, 64
-in torchvision; the stages have width·(1, 2, 4, 8) channels). ViT-B/16 takes ``image_size``, ``patch_size``
-and ``n_layer``/``n_head``/``n_embd`` (12/12/768 unless set; MLP 4·n_embd). ``model.dropout`` replaces
-VGG's and ViT's dropout rates (VGG's torchvision default is 0.5; ours is 0). ``model.pretrained`` loads a local
-torchvision-format state_dict into ``net``.
+Sizes: ResNets take ``model.stem`` (``imagenet``: 7×7/2 conv + 3×3/2 max-pool; ``cifar``: 3×3/1 conv, no pool,
+for 32×32 inputs) and ``model.width`` (base width, 64 in ResNet-18/50; the stages have width·(1, 2, 4, 8)
+channels, ×4 at a bottleneck's output). ViT-B/16 takes ``image_size``, ``patch_size`` and
+``n_layer``/``n_head``/``n_embd`` (12/12/768 unless set; MLP 4·n_embd). ``model.dropout`` replaces VGG's and
+ViT's dropout rates (VGG's torchvision default is 0.5; ours is 0). ``model.attention`` picks a ViT's kernel as
+for kind hf (``naive`` → eager). ``model.pretrained`` is a local state_dict file (``.pth``) of ``net``, or for
+the transformers kinds a local model folder (``save_pretrained``; a hub name online) whose head is re-sized to
+the data's classes.
 """
 from __future__ import annotations
 
@@ -23,10 +27,12 @@ import torch.nn.functional as F
 
 from rayexp.config import VISION_KINDS, ConfigError
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's weights expect
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as torchvision's and HF's ResNets expect
 VIT_B = dict(n_layer=12, n_head=12, n_embd=768)  # ViT-B/16 (Dosovitskiy et al. 2021, Table 1)
-RESNETS = {"resnet18": ("BasicBlock", [2, 2, 2, 2]), "resnet34": ("BasicBlock", [3, 4, 6, 3]),
-           "resnet50": ("Bottleneck", [3, 4, 6, 3])}  # torchvision.models.resnet's block and stage depths
+RESNETS = {"resnet18": ("basic", [2, 2, 2, 2]), "resnet34": ("basic", [3, 4, 6, 3]),
+           "resnet50": ("bottleneck", [3, 4, 6, 3])}  # He et al. 2016, Table 1: block type and stage depths
+HF_KINDS = (*RESNETS, "vit_b16")  # built by transformers; the rest of VISION_KINDS by torchvision
+EXPANSION = {"basic": 1, "bottleneck": 4}  # a stage's output channels / its width
 
 
 def import_torchvision():
@@ -36,7 +42,7 @@ def import_torchvision():
     try:
         import torchvision as tv
     except ImportError:
-        raise ConfigError("vision models need torchvision: pip install 'rayexp[vision]'") from None
+        raise ConfigError("vgg16 and densenet121 need torchvision: pip install 'rayexp[vision]'") from None
     except RuntimeError as e:  # "operator torchvision::nms does not exist": a torchvision for another torch
         raise ConfigError(f"torchvision does not load next to torch {torch.__version__} ({e}); install the "
                           f"torchvision built for it (a CPU torch needs the CPU build)") from None
@@ -52,61 +58,115 @@ class ImageClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's logits (B, C) for images x in [0, 1]."""
+        z = (x - self.mean) / self.std
+        return self.net(pixel_values=z).logits if self.kind in HF_KINDS else self.net(z)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        logits = self.net((x - self.mean) / self.std)
+        logits = self.logits(x)
         return logits, None if y is None else F.cross_entropy(logits, y)
 
 
-def _resnet(tv, model_cfg, n_classes: int) -> nn.Module:
-    """torchvision's ResNet with ``model.width`` and ``model.stem`` (its own ``_make_layer`` builds the stages)."""
-    block_name, depths = RESNETS[model_cfg.kind]
-    block = getattr(tv.models.resnet, block_name)
-    net = tv.models.resnet.ResNet(block, depths, num_classes=n_classes)
+def _resnet_config(model_cfg, n_classes: int):
+    from transformers import ResNetConfig
+    layer, depths = RESNETS[model_cfg.kind]
     w = model_cfg.width
-    if w != 64:  # rebuild every stage at the new width; then initialize as torchvision's ResNet.__init__
-        net.inplanes = w
-        net.conv1, net.bn1 = nn.Conv2d(3, w, 7, 2, 3, bias=False), nn.BatchNorm2d(w)
-        for i, stride in enumerate((1, 2, 2, 2)):
-            setattr(net, f"layer{i + 1}", net._make_layer(block, w * 2 ** i, depths[i], stride=stride))
-        net.fc = nn.Linear(8 * w * block.expansion, n_classes)
-        for m in net.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return ResNetConfig(embedding_size=w, hidden_sizes=[w * 2 ** i * EXPANSION[layer] for i in range(4)],
+                        depths=depths, layer_type=layer, num_labels=n_classes)
+
+
+def _resnet(model_cfg, n_classes: int) -> nn.Module:
+    """transformers' ResNet (torchvision's v1.5 layout: stride in the 3×3 conv) with ``model.width`` and
+    ``model.stem``."""
+    from transformers import ResNetForImageClassification
+    from transformers.models.resnet.modeling_resnet import ResNetConvLayer
+    net = ResNetForImageClassification(_resnet_config(model_cfg, n_classes))
     if model_cfg.stem == "cifar":
-        net.conv1, net.maxpool = nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.Identity()
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        emb = net.resnet.embedder
+        emb.embedder, emb.pooler = ResNetConvLayer(3, model_cfg.width, kernel_size=3, stride=1), nn.Identity()
+        nn.init.kaiming_normal_(emb.embedder.convolution.weight, mode="fan_out", nonlinearity="relu")
     return net
 
 
-def _vit(tv, model_cfg, n_classes: int) -> nn.Module:
+def _vit_config(model_cfg, n_classes: int):
+    from transformers import ViTConfig
     sizes = {k: getattr(model_cfg, k) or v for k, v in VIT_B.items()}
     if sizes["n_embd"] % sizes["n_head"]:
         raise ConfigError(f"model.n_embd ({sizes['n_embd']}) must be divisible by model.n_head ({sizes['n_head']})")
     if model_cfg.image_size % model_cfg.patch_size:
         raise ConfigError(f"model.image_size ({model_cfg.image_size}) must be divisible by model.patch_size "
                           f"({model_cfg.patch_size})")
-    return tv.models.vision_transformer.VisionTransformer(
-        image_size=model_cfg.image_size, patch_size=model_cfg.patch_size, num_layers=sizes["n_layer"],
-        num_heads=sizes["n_head"], hidden_dim=sizes["n_embd"], mlp_dim=4 * sizes["n_embd"],
-        dropout=model_cfg.dropout, attention_dropout=model_cfg.dropout, num_classes=n_classes)
+    return ViTConfig(image_size=model_cfg.image_size, patch_size=model_cfg.patch_size, num_labels=n_classes,
+                     num_hidden_layers=sizes["n_layer"], num_attention_heads=sizes["n_head"],
+                     hidden_size=sizes["n_embd"], intermediate_size=4 * sizes["n_embd"], layer_norm_eps=1e-6,
+                     hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout)
 
 
-def _network(tv, model_cfg, n_classes: int) -> nn.Module:
-    kind = model_cfg.kind
-    if kind in RESNETS:
-        return _resnet(tv, model_cfg, n_classes)
-    if kind == "vgg16":
+def _attn(model_cfg) -> str:
+    return "eager" if model_cfg.attention == "naive" else "sdpa"
+
+
+def _from_folder(model_cfg, n_classes: int) -> nn.Module:
+    """A transformers image classifier saved at ``model.pretrained`` (its own sizes and the ImageNet stem), with
+    a freshly initialized head when the data has another number of classes; any other weight that does not load
+    is an error."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+    path = model_cfg.pretrained
+    if model_cfg.stem != "imagenet":
+        raise ConfigError(f"model.stem={model_cfg.stem} applies to random init; a model.pretrained folder brings its "
+                          f"own stem (use a state_dict .pth for a cifar-stem ResNet)")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # no such folder, a hub name offline
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model.pretrained={path!r} could not be loaded: {first[:200]}") from None
+    want = "resnet" if model_cfg.kind in RESNETS else "vit"
+    if config.model_type != want:
+        raise ConfigError(f"model.pretrained={path!r} is a {config.model_type} model, not model.kind={model_cfg.kind}")
+    config.num_labels = n_classes  # resets id2label; the check below keeps the re-init to the head
+    extra = {} if model_cfg.kind in RESNETS else {"attn_implementation": _attn(model_cfg)}
+    try:
+        net, info = AutoModelForImageClassification.from_pretrained(
+            path, config=config, output_loading_info=True, ignore_mismatched_sizes=True, **extra)
+    except Exception as e:  # no weights, a broken file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"model.pretrained={path!r} could not be loaded: {first[:200]}") from None
+    bad = [k for k in [*info["missing_keys"]] + [m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]]
+           if not k.startswith("classifier")]
+    if bad:
+        raise ConfigError(f"model.pretrained={path!r}: weights missing or of other shapes, e.g. {sorted(bad)[:2]}")
+    return net
+
+
+def _hf_network(model_cfg, n_classes: int) -> nn.Module:
+    from transformers import AutoModelForImageClassification
+    path = model_cfg.pretrained
+    if path and not Path(path).expanduser().is_file():  # a model folder (or a hub name)
+        return _from_folder(model_cfg, n_classes)
+    if model_cfg.kind in RESNETS:
+        return _resnet(model_cfg, n_classes)
+    return AutoModelForImageClassification.from_config(_vit_config(model_cfg, n_classes),
+                                                       attn_implementation=_attn(model_cfg))
+
+
+def _network(model_cfg, n_classes: int) -> nn.Module:
+    if model_cfg.kind in HF_KINDS:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"model.kind={model_cfg.kind} needs transformers: pip install 'rayexp[hf]'") from None
+        return _hf_network(model_cfg, n_classes)
+    tv = import_torchvision()
+    if model_cfg.kind == "vgg16":
         return tv.models.vgg16(weights=None, num_classes=n_classes, dropout=model_cfg.dropout)
-    if kind == "densenet121":
-        return tv.models.densenet121(weights=None, num_classes=n_classes, drop_rate=model_cfg.dropout)
-    return _vit(tv, model_cfg, n_classes)
+    return tv.models.densenet121(weights=None, num_classes=n_classes, drop_rate=model_cfg.dropout)
 
 
-def load_pretrained(net: nn.Module, path: str) -> None:
-    """Load a torchvision-format state_dict (a ``.pth`` of tensors) into ``net``, or one line naming the problem."""
+def load_state(net: nn.Module, path: str) -> None:
+    """Load a state_dict file (a ``.pth`` of tensors, keys with or without ``net.``) into ``net``, or one line
+    naming the problem."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"model.pretrained={path}: no such file")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -129,7 +189,10 @@ def build(model_cfg, n_classes: int | None) -> ImageClassifier:
     if not n_classes or n_classes < 2:
         raise ConfigError(f"model.kind={model_cfg.kind} needs the data's number of classes (≥ 2); got {n_classes}: "
                           f"use an image corpus (images:PATH, task:images, hf:cifar10)")
-    net = _network(import_torchvision(), model_cfg, n_classes)
-    if model_cfg.pretrained:
-        load_pretrained(net, model_cfg.pretrained)
+    path = model_cfg.pretrained
+    if path and model_cfg.kind not in HF_KINDS and not Path(path).expanduser().is_file():
+        raise ConfigError(f"model.pretrained={path}: no such file")
+    net = _network(model_cfg, n_classes)
+    if path and Path(path).expanduser().is_file():
+        load_state(net, path)
     return ImageClassifier(net, model_cfg.kind, n_classes)
