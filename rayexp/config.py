@@ -677,8 +677,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, val = text.split("=", 1)
     try:
         value = yaml.safe_load(val) if val else None
-    except yaml.YAMLError:
-        value = val
+    except yaml.YAMLError:  # e.g. blocks=[*attn*]: a YAML alias; a bracketed list is read as its comma-split items
+        inner = val.strip()
+        value = [x.strip() for x in inner[1:-1].split(",")] if inner[:1] + inner[-1:] == "[]" else val
     return key.strip(), _float_strings(value)  # YAML 1.1 reads 1e-3 as a string, also inside {loguniform: [...]}
 
 

@@ -20,6 +20,8 @@ def test_defaults_are_the_embedded_cpu_job():
 def test_overrides_parse_yaml_values_and_scientific_floats(tmp_path):
     assert parse_override("optimizer.lr=1e-3") == ("optimizer.lr", 1e-3)
     assert parse_override("optimizer.betas=[0.9, 0.99]") == ("optimizer.betas", [0.9, 0.99])
+    # a pattern list whose items start with * (a YAML alias, so no YAML) is still a list of patterns
+    assert parse_override("hessian.blocks=[*attn*, *mlp.c_fc.weight]") == ("hessian.blocks", ["*attn*", "*mlp.c_fc.weight"])
     exp = load_experiment(_write(tmp_path, "optimizer: {lr: 3.0e-4}\ntrain: {steps: 10, warmup: 1}\n"),
                           ["train.steps=20", "optimizer.name=sgd"])
     assert exp.train.steps == 20 and exp.optimizer.name == "sgd" and exp.optimizer.lr == 3e-4

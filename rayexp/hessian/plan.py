@@ -103,22 +103,25 @@ def _used(device: torch.device) -> float:
 
 
 def first_product(op: Operator) -> tuple[float, float]:
-    """Seconds and extra peak bytes of one product (a cached graph is built first and counted)."""
+    """Seconds of one product in steady state and the extra peak bytes of the first (which builds a cached
+    graph): two products, the first one's warm-up (graphs, kernels, allocator) left out of the time."""
     dev = op.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda _: None)
     if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+        sync(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     base = _used(dev)
-    t0 = time.perf_counter()
     if op.products.mode == "cached" and op.products.graphs is None:
         op.products.build_graphs()
     v = torch.ones(op.span.stop - op.span.start, dtype=torch.float64, device=dev)
     op.matvec(v)
-    op.count -= 1  # a probe of the plan, not a task's product
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated(dev) - base
-    return time.perf_counter() - t0, 0.0
+    sync(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base if dev.type == "cuda" else 0.0
+    t0 = time.perf_counter()
+    op.matvec(v)
+    sync(dev)
+    op.count -= 2  # probes of the plan, not a task's products
+    return time.perf_counter() - t0, peak
 
 
 @dataclass

@@ -18,14 +18,14 @@ from rayexp.spaces import load_sweep
 class ConsoleReporter:
     """Prints one line per report: step, losses, learning rate, throughput."""
 
-    def __init__(self, total_steps: int):
-        self.total, self.t0 = total_steps, time.perf_counter()
+    def __init__(self, total_steps: int, unit: str = "tok"):
+        self.total, self.t0, self.unit = total_steps, time.perf_counter(), unit
 
     def report(self, step, metrics, checkpoint_dir=None):
         parts = [f"step {step:>5}/{self.total}"]
         for key, fmt in (("train_loss", "train {:.4f}"), ("val_loss", "val {:.4f}"),
                          ("val_accuracy", "acc {:.3f}"), ("lr", "lr {:.2e}"),
-                         ("tokens_per_s", "{:,.0f} tok/s")):
+                         ("tokens_per_s", "{:,.0f} " + self.unit + "/s")):
             if key in metrics:
                 parts.append(fmt.format(metrics[key]))
         parts.append(f"{time.perf_counter() - self.t0:6.1f}s")
@@ -123,7 +123,7 @@ def _run(exp, args) -> int:
     status = "failed"
     try:
         workdir = str(Path(args.resume).parent) if args.resume else None  # a resumed run goes on where it was
-        result = run_training(exp, FanOut(ConsoleReporter(exp.train.steps), mlf), resume_from=args.resume,
+        result = run_training(exp, FanOut(ConsoleReporter(exp.train.steps, "img" if exp.data.images else "tok"), mlf), resume_from=args.resume,
                               workdir=workdir)
         status = result.status
     finally:
@@ -132,7 +132,8 @@ def _run(exp, args) -> int:
                 tracking.log_checkpoint(mlf.run_id, result.checkpoint_dir, mlf.uri)
             mlf.finish(status, {"train_loss": result.train_loss, "val_loss": result.val_loss} if status != "failed" else None)
     print(f"final: status={result.status} step={result.step} train_loss={result.train_loss:.4f} "
-          f"val_loss={result.val_loss:.4f} tokens/s={result.tokens_per_s:,.0f}", flush=True)
+          f"val_loss={result.val_loss:.4f} {'images' if exp.data.images else 'tokens'}/s={result.tokens_per_s:,.0f}",
+          flush=True)
     if mlf is not None:
         print(f"mlflow run {mlf.run_id} in {mlf.uri}  (UI: {tracking.ui_command(mlf.uri)})")
     return 0 if result.status != "failed" else 1

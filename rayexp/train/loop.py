@@ -200,7 +200,8 @@ class _Loop:
         self.step, self.history = state["step"], state["history"]
         self.init_loss, self.tokens = state["init_loss"], state["tokens"]
         self.block = block_size(exp.model)
-        self.tokens_per_step = self.t.batch_size * self.t.grad_accum * world * self.block
+        per_example = 1 if exp.data.images else self.block  # an image is one example, not image_size tokens
+        self.tokens_per_step = self.t.batch_size * self.t.grad_accum * world * per_example
         self.last_ckpt: Optional[str] = None
         self.val_loss = next((h["val_loss"] for h in reversed(self.history) if "val_loss" in h), float("nan"))
         self.n_train = data.count("train", self.block)
