@@ -3,7 +3,9 @@ on the sweep's checkpoints through ``rayexp.hessian``, figures through ``rayexp.
 
 Each script describes its sweep as a raw config (the same mapping a sweep YAML holds) for two scales:
 ``small`` (gpt2-tiny, builtin corpus, CPU; ≤ 10 min on 2 cores) and ``gpt2-124m`` (GPU cluster,
-OpenWebText through ``hf:``). Everything it prints is read back from MLflow.
+OpenWebText through ``hf:``). Claims 3 and 4 add a ResNet18 arm as a second sweep (``vision_raw``: a vision
+model needs image data, so it cannot be a grid value beside gpt2), logged to the same MLflow experiment.
+Everything a script prints is read back from MLflow.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import copy
 import os
 import sys
 import time
@@ -47,6 +50,63 @@ def base_raw(name: str, scale: str, seeds: Sequence[int]) -> dict:
             "resources": {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 4}}
 
 
+# The ResNet18 arm (claims 3, 4). small: CIFAR stem, width 8 (182 k parameters at 100 classes; gpt2-tiny has
+# 0.1 M), 16×16 synthetic images of 100 classes (rayexp.data.images, task:images; at 4 or 10 classes Adam reaches
+# val loss < 1e-3 within 400 steps, so both optimizers would tie at zero and the curvature would vanish). Width
+# 16 costs 4.6× the curvature time (claim 3: 520 s instead of 230 s). gpt2-124m: the real ResNet18 (width 64)
+# on CIFAR-10 at 32×32, batch 128.
+VISION = {"small": {"model": {"kind": "resnet18", "stem": "cifar", "width": 8, "image_size": 16},
+                    "data": {"corpus": "task:images", "task_classes": 100, "task_examples": 4000},
+                    "train": {}, "hessian_batch": 8},
+          "gpt2-124m": {"model": {"kind": "resnet18", "stem": "cifar", "width": 64, "image_size": 32},
+                        "data": {"corpus": "hf:cifar10"}, "train": {"batch_size": 128, "grad_accum": 1},
+                        "hessian_batch": 64}}  # hessian_batch: images per curvature batch (text: 8 / 4 sequences)
+# Hessian blocks of the ResNet under a seed preset (the presets' own lists name GPT-2 tensors). seed001: the
+# conv and linear weights; seed 001 has no ResNet list, and its lists keep weight matrices only, no norm
+# layers (vision_models/main.py:270-285 for ViT-B, language_models/config/train_gpt2_small.py:44-69).
+# seed003: seed 003's own ResNet-18 list (hessian_per_param.py:52-74; torchvision names, conv1/bn1 γ/conv2
+# of layer1.0-1, layer3.0-1, layer4.0-1, the two downsample convs, fc) in transformers' names.
+RESNET_WEIGHTS = ["*convolution.weight", "net.classifier.*.weight"]
+SEED003_RESNET18 = ("layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2", "layer1.1.conv1", "layer1.1.bn1",
+                    "layer1.1.conv2", "layer3.0.conv1", "layer3.0.bn1", "layer3.0.conv2", "layer3.0.downsample.0",
+                    "layer3.1.conv1", "layer3.1.bn1", "layer3.1.conv2", "layer4.0.conv1", "layer4.0.bn1",
+                    "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.bn1", "layer4.1.conv2",
+                    "fc")
+TV_TO_HF = {"conv1": "layer.0.convolution", "bn1": "layer.0.normalization", "conv2": "layer.1.convolution",
+            "downsample.0": "shortcut.convolution"}  # torchvision BasicBlock → transformers ResNetBasicLayer
+
+
+def hf_resnet_name(tv: str) -> str:
+    """transformers' name (under ``ImageClassifier.net``) of torchvision ResNet weight ``tv`` ("layer3.0.conv1"):
+    torchvision's layer N is stage N − 1."""
+    if tv == "fc":
+        return "net.classifier.1.weight"
+    layer, block, part = tv.split(".", 2)
+    return f"net.resnet.encoder.stages.{int(layer[5:]) - 1}.layers.{block}.{TV_TO_HF[part]}.weight"
+
+
+SEED_BLOCKS = {"cnn": {"seed001": ["*weight*"], "seed003": ["*weight*"]},
+               "resnet18": {"seed001": RESNET_WEIGHTS, "seed003": [hf_resnet_name(n) for n in SEED003_RESNET18]}}
+
+
+def seed_config(cfg: HessianConfig, kind: str) -> HessianConfig:
+    """``cfg`` (a seed preset) for an arm of ``model.kind`` ``kind``: the preset's own block list on GPT-2,
+    ``SEED_BLOCKS`` on the others (the token CNN keeps its weight tensors: the seeds' rules are GPT-2's)."""
+    return cfg if kind == "gpt2" else cfg.model_copy(update={"blocks": SEED_BLOCKS[kind][cfg.preset]})
+
+
+def vision_raw(raw: dict, scale: str, images: Optional[str] = None) -> dict:
+    """The ResNet18 arm's sweep: ``raw`` (the text sweep, its optimizer set) with ``VISION[scale]``'s model and
+    data (``images:PATH`` instead when ``images`` is given), named ``<name>_resnet18``, same MLflow experiment,
+    train settings, seeds and resources."""
+    arm = VISION[scale]
+    v = copy.deepcopy(raw)
+    v.update(name=f"{raw['name']}_resnet18", model=dict(arm["model"]),
+             data={"corpus": f"images:{Path(images).resolve()}"} if images else dict(arm["data"]))
+    v["train"].update(arm["train"])
+    return v
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     """Common options: --scale, --out, --uri, --steps, --seeds."""
     p = argparse.ArgumentParser(description=doc.strip().splitlines()[0], epilog=doc,
@@ -57,6 +117,12 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (override)")
     return p
+
+
+def add_images_option(p: argparse.ArgumentParser) -> None:
+    """``--images PATH``: the ResNet18 arm's data (``vision_raw``)."""
+    p.add_argument("--images", default=None, metavar="PATH", help="ResNet18 arm's data: CIFAR-10 python batches "
+                   "or an ImageFolder tree (default: task:images at small scale, hf:cifar10 at gpt2-124m)")
 
 
 def add_blocks_option(p: argparse.ArgumentParser) -> None:
@@ -101,6 +167,13 @@ def run_sweep(raw: dict) -> dict:
     if res.errors:
         print(f"warning: {res.errors} trial(s) raised; their configs count as missing in the verdict", flush=True)
     return out
+
+
+def run_sweeps(uri: str, *raws: dict) -> tuple[list, list]:
+    """``run_sweep`` each of ``raws`` in turn (the text sweep, then the ResNet18 arm); their results and all
+    their child runs together (``pick`` them by ``model.kind``)."""
+    results = [run_sweep(raw) for raw in raws]
+    return results, [r for res in results for r in child_runs(uri, res["state"].parent_run_id)]
 
 
 def child_runs(uri: str, parent_run_id: str) -> list:
