@@ -60,7 +60,7 @@ def test_seed_sweep_dry_run_at_gpt2_124m_scale(path, capsys):
     """--dry-run validates the file as written (GPT-2 124M, 8 GPUs, hf:openwebtext; dry-run reads no data)."""
     assert sweep_main([path, "--dry-run"]) == 0
     spec = load_sweep(path)
-    assert spec.base.model.preset == "gpt2-124m" and spec.base.data.corpus == "hf:openwebtext"
+    assert spec.base.model.preset == "gpt2-124m" and spec.base.data.corpus == "hf:Skylion007/openwebtext"
     assert spec.base.resources.gpus_per_worker == 1 and spec.base.data.tokenizer == "gpt2"
     assert "trials" in capsys.readouterr().out
 
