@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rayexp.config import OptimizerConfig, RotationConfig, parse_override
+from rayexp.config import ROTATION_SCOPES, OptimizerConfig, RotationConfig, parse_override
 from rayexp.hessian.distributed import _split
 from rayexp.hessian.estimators import l11_exact_rows
 from rayexp.hessian.operator import FunctionOperator
@@ -98,16 +98,48 @@ def _train(opt_cfg, rot_cfg, steps=8):
 
 
 @FEW
-@given(kind=st.sampled_from(["per_tensor", "global", "eigenbasis"]), seed=st.integers(0, 10 ** 6),
+@given(kind=st.sampled_from(["per_tensor", "global", "eigenbasis", "randperm"]), seed=st.integers(0, 10 ** 6),
        lr=st.floats(1e-3, 0.5), momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
-       wd=st.sampled_from([0.0, 0.01]), every=st.integers(1, 4))
-def test_sgd_is_the_same_under_any_orthogonal_rotation(kind, seed, lr, momentum, nesterov, wd, every):
+       wd=st.sampled_from([0.0, 0.01]), every=st.integers(1, 4), scope=st.sampled_from(ROTATION_SCOPES),
+       rounds=st.integers(1, 3))
+def test_sgd_is_the_same_under_any_orthogonal_rotation(kind, seed, lr, momentum, nesterov, wd, every, scope, rounds):
     if nesterov and momentum == 0.0:
         momentum = 0.5
     cfg = OptimizerConfig(name="sgd", lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd)
     plain = _train(cfg, RotationConfig())
-    rotated = _train(cfg, RotationConfig(kind=kind, seed=seed, update_every=every))
+    extra = {"scope": scope} if kind in ("per_tensor", "eigenbasis") else {"rounds": rounds} if kind == "randperm" else {}
+    rotated = _train(cfg, RotationConfig(kind=kind, seed=seed, update_every=every, **extra))
     assert torch.allclose(plain, rotated, atol=1e-10)
+
+
+@FEW
+@given(seed=st.integers(0, 10 ** 6), d=st.integers(2, 9), lr=st.floats(1e-3, 0.5),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(), wd=st.sampled_from([0.0, 0.01]))
+def test_zoo_sgd_commutes_with_an_arbitrary_orthogonal_change_of_variables(seed, d, lr, momentum, nesterov, wd):
+    """Without rayexp's rotations: a Q drawn here (QR of a Gaussian), the zoo SGD on φ with loss f(Qᵀφ)
+    from φ₀ = Qθ₀ stays at φ_t = Qθ_t, θ_t the zoo SGD on f from θ₀."""
+    if nesterov and momentum == 0.0:
+        momentum = 0.5
+    g = np.random.default_rng(seed)
+    Q = torch.from_numpy(np.linalg.qr(g.standard_normal((d, d)))[0])
+    A, b = torch.from_numpy(g.standard_normal((d, d))), torch.from_numpy(g.standard_normal(d))
+    f = lambda x: (torch.tanh(A @ x) - b).pow(2).sum()  # noqa: E731
+    cfg = OptimizerConfig(name="sgd", lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+
+    def run(x0, loss):
+        net = torch.nn.Module()
+        net.x = torch.nn.Parameter(x0.clone())
+        opt = build_optimizer(net, cfg, RotationConfig())
+        for _ in range(6):
+            opt.zero_grad(set_to_none=True)
+            loss(net.x).backward()
+            opt.step()
+        return net.x.detach()
+
+    theta0 = torch.from_numpy(g.standard_normal(d))
+    theta = run(theta0, f)
+    phi = run(Q @ theta0, lambda p: f(Q.T @ p))
+    assert torch.allclose(phi, Q @ theta, atol=1e-10)
 
 
 @FEW
