@@ -33,7 +33,7 @@ import math
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -198,9 +198,35 @@ def run_row(name, make_model, make_opt, mode, sz, dev, args, flops_per_token, X,
     return r
 
 
+@contextmanager
+def synced_loop(on: bool):
+    """run_training as it was before 2026-12-06 (``on``): each step's loss and grad norm read at once (a host sync
+    a step) and batches copied from pageable memory (a stream sync a micro-batch)."""
+    import rayexp.train.loop as L
+    saved = L._Reading, L._batch
+
+    class Synced(L._Reading):
+        def __init__(self, values):
+            super().__init__(values)
+            self.get()
+
+    def pageable(data, split, idx, block, device):
+        x, y = data.batch(split, idx, block)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    if on:
+        L._Reading, L._batch = Synced, pageable
+    try:
+        yield
+    finally:
+        L._Reading, L._batch = saved
+
+
 def loop_variants(key: str, mode: dict, args) -> list[tuple[str, dict]]:
     """(row name, overrides of the Experiment's model/optimizer sections) of the run_training rows."""
     rows = [("rayexp run_training (defaults: fused auto, loss full, sdpa auto)", {})]
+    if key in ("b", "c"):
+        rows.append(("run_training, synced step (before 2026-12-06)", {"synced": True}))
     if key == "a":
         rows.append(("run_training, precise fp32: attention sdpa (efficient)", {"model": {"attention": "sdpa"}}))
     if args.defaults_only:
@@ -234,7 +260,8 @@ def loop_row(name: str, overrides: dict, mode_key, mode, sz, dev, args, flops_pe
                      output_dir=args.cache)
     peak_memory_reset()
     t0 = time.perf_counter()
-    res = run_training(exp, workdir=f"{args.cache}/train_{mode_key}")
+    with synced_loop(overrides.get("synced", False)):
+        res = run_training(exp, workdir=f"{args.cache}/train_{mode_key}")
     rates = [h["tokens_per_s"] for h in res.history if "tokens_per_s" in h][-args.windows:]
     med = statistics.median(rates)
     return {"row": name, "tok_s": med, "rates": rates,

@@ -266,3 +266,18 @@ def test_hvp_unflatten_keeps_leading_dimensions_and_flatten_inverts_it():
     parts = h.unflatten(v)
     assert [t.shape for t in parts.values()] == [torch.Size([3, 2, *s]) for s in h.shapes]
     assert torch.equal(h.flatten(parts, lead=2), v)
+
+
+def test_divergence_read_one_step_late_stops_at_the_same_step_as_when_every_step_is_logged(tmp_path, cache):
+    """Unlogged steps' losses are read after the next step is queued: a run logging every 1000 steps must end
+    on the same diverged step, with the same loss and token count, as one logging every step."""
+    runs = [run_training(tiny(tmp_path, cache, "train.steps=40", "train.eval_every=1000", f"train.log_every={every}",
+                              "optimizer.name=sgd", "optimizer.lr=100", "train.warmup=0", "train.clip=0"),
+                         workdir=str(tmp_path / f"log{every}"))
+            for every in (1, 1000)]
+    every, late = runs
+    assert every.status == late.status == "diverged" and 1 < every.step < 40
+    assert late.step == every.step and late.history[-1]["step"] == every.step
+    assert late.history[-1]["diverged"] == 1.0 and late.history[-1]["train_loss"] == pytest.approx(
+        every.history[-1]["train_loss"], nan_ok=True)
+    assert [h["step"] for h in late.history] == [0, every.step]

@@ -10,7 +10,9 @@ batches and logs ``val_loss`` plus ``val_<metric>`` for each metric the data nam
 of examples whose every scored target is the argmax; docs/methods.md, "Example data").
 
 Divergence: a non-finite training loss, or one above ``diverge_factor ×`` the first step's loss,
-stops the run with status ``diverged``.
+stops the run with status ``diverged``; that step is the run's last logged one. No step waits for the GPU: the
+loss of a step that is not logged is read once the next step is queued (one step late, as nanoGPT reads it
+only at log steps), so the CPU queues step s+1 while the GPU runs step s.
 """
 from __future__ import annotations
 
@@ -86,7 +88,29 @@ def _step_indices(n: int, count: int, seed: int, step: int) -> torch.Tensor:
 
 def _batch(data, split: str, idx: torch.Tensor, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = data.batch(split, idx, block)
+    if torch.device(device).type == "cuda":  # a copy from pageable memory waits for the stream; from pinned memory it does not
+        x, y = x.pin_memory(), y.pin_memory()
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+class _Reading:
+    """A step's (train loss, grad norm) on its way to the host: on CUDA a non-blocking copy into pinned memory
+    and an event, so ``get`` waits for this step only, never for the steps queued after it."""
+
+    def __init__(self, values: torch.Tensor):
+        self.event = None
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values = host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.values = values
+
+    def get(self) -> tuple[float, float]:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, gnorm = self.values.tolist()
+        return loss, gnorm
 
 
 def _eval_indices(data, count: int, block: int) -> torch.Tensor:
@@ -210,7 +234,8 @@ class _Loop:
         self.monitors: list = []
 
     # --- one optimizer step -------------------------------------------------------------------
-    def train_step(self, step: int) -> tuple[float, float]:
+    def train_step(self, step: int) -> _Reading:
+        """Queue one optimizer step; its loss and grad norm arrive through the returned reading."""
         t, B = self.t, self.t.batch_size
         lr = lr_at(step, self.exp)
         for g in self.optimizer.param_groups:
@@ -236,16 +261,16 @@ class _Loop:
             dist.all_reduce(loss_sum)
             loss_sum /= self.world
         if self.engine is not None:
-            return loss_sum.item(), float(self.engine.get_global_grad_norm() or float("nan"))
-        # clip and norm stay on the device (foreach kernels, no .item()): the one host sync is the .tolist() below
+            gnorm = float(self.engine.get_global_grad_norm() or float("nan"))
+            return _Reading(torch.tensor([loss_sum.item(), gnorm], dtype=torch.float64))
+        # clip and norm stay on the device (foreach kernels, no .item()): no host sync in a step
         params = [p for p in self.model.parameters() if p.grad is not None]
         if t.clip:
             gnorm = torch.nn.utils.clip_grad_norm_(params, t.clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
         self.optimizer.step()
-        loss_f, gnorm_f = torch.stack([loss_sum, gnorm.to(loss_sum)]).tolist()
-        return loss_f, gnorm_f
+        return _Reading(torch.stack([loss_sum, gnorm.to(loss_sum)]))
 
     def zero_grad(self):
         if self.engine is None:
@@ -282,6 +307,15 @@ class _Loop:
             return False
         return bool(self.reporter.report(self.step, metrics, ckpt))
 
+    def stop_if_diverged(self, step: int, loss: float) -> bool:
+        """Record ``loss`` as step ``step``'s; if it diverged, log that step as the last one and return True."""
+        self.train_loss = loss
+        if not self.diverged(loss):
+            return False
+        self.step = step
+        self.emit({"train_loss": loss if math.isfinite(loss) else float("nan"), "diverged": 1.0})
+        return True
+
     def diverged(self, loss: float) -> bool:
         if not math.isfinite(loss):
             return True
@@ -297,23 +331,26 @@ class _Loop:
             if self.emit({**self.eval(), "lr": 0.0, "tokens": 0.0}):
                 return self.result("stopped")
         status, window_t, window_tok = "finished", time.perf_counter(), 0
+        late = None  # (step, reading) of a step not logged: checked once the next step is queued
         while self.step < t.steps:
             self.step += 1
             self.zero_grad()
-            loss, gnorm = self.train_step(self.step)
+            reading = self.train_step(self.step)
+            if late is not None and self.stop_if_diverged(late[0], late[1].get()[0]):
+                status = "diverged"
+                break
             self.tokens += self.tokens_per_step
             window_tok += self.tokens_per_step
-            self.train_loss = loss
-            if self.diverged(loss):
-                status = "diverged"
-                self.emit({"train_loss": loss if math.isfinite(loss) else float("nan"), "diverged": 1.0})
-                break
             do_eval = self.step % t.eval_every == 0 or self.step == t.steps
             do_ckpt = self.step % (t.checkpoint_every or t.eval_every) == 0 or self.step == t.steps
             due = [m for m in self.monitors if m.due(self.step)]
-            do_log = do_eval or do_ckpt or due or self.step % t.log_every == 0
-            if not do_log:
+            late = None if do_eval or do_ckpt or due or self.step % t.log_every == 0 else (self.step, reading)
+            if late is not None:
                 continue
+            loss, gnorm = reading.get()
+            if self.stop_if_diverged(self.step, loss):
+                status = "diverged"
+                break
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.tok_s = window_tok / max(time.perf_counter() - window_t, 1e-9)
