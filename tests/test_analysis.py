@@ -50,7 +50,7 @@ def test_rotation_claim_script_end_to_end_against_an_mlflow_server(mlflow_server
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("claim2_rotation_l11")
     children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 4  # {adamw, sgd} × {none, per_tensor} × one seed
+    assert len(children) == 6  # {adamw, sgd} × {none, per_tensor, randperm} × one seed
     for key, (mean, std, n) in verdict["stats"].items():
         opt, kind = key.split("/")
         (run,) = [r for r in children if r.data.params["optimizer.name"] == opt
