@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 COMMANDS = {"sweep": "rayexp.sweep.__main__", "train": "rayexp.train.__main__", "hessian": "rayexp.hessian.__main__",
             "report": "rayexp.report.__main__", "optim": "rayexp.optim.__main__", "ui": "rayexp.ui"}
+
+
+def shell_command(name: str) -> str:
+    """The command that runs ``rayexp NAME`` from any shell, this environment active or not (what the CLIs print)."""
+    script = Path(sys.executable).parent / "rayexp"
+    return f"{script if script.is_file() else f'{sys.executable} -m rayexp.cli'} {name}"
 
 
 def main(argv=None) -> int:

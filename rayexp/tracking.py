@@ -40,6 +40,7 @@ RESUMED_TAG = "rayexp.resumed_from_step"  # the checkpoint step a restarted tria
 STATUSES = ("running", "finished", "stopped", "diverged", "failed", "killed")  # killed: interrupted, resumable
 MAX_PARAM_LEN = 6000
 UI_PORT = 5000  # where ``rayexp ui`` serves the local store by default
+MLFLOW_AUTH_CODES = (401, 403)  # an MLflow server behind basic auth answers /health with these
 
 
 def resolve_uri(uri: Optional[str] = None) -> str:
@@ -50,16 +51,19 @@ def resolve_uri(uri: Optional[str] = None) -> str:
 
 
 def check_uri(uri: str, timeout: float = 5.0) -> None:
-    """Raise ConfigError unless the store at ``uri`` can be used: an http(s) server answers within
-    ``timeout`` seconds (any HTTP status counts), a sqlite file's folder is writable."""
+    """Raise ConfigError unless the store at ``uri`` can be used: an http(s) server answers MLflow's
+    ``/health`` within ``timeout`` seconds with 200 (or 401/403: behind basic auth), a sqlite file's folder is
+    writable."""
     import urllib.error
     import urllib.request
 
     if uri.startswith(("http://", "https://")):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-        except urllib.error.HTTPError:
-            pass  # it answers (e.g. 401 behind basic auth)
+        except urllib.error.HTTPError as e:
+            if e.code not in MLFLOW_AUTH_CODES:
+                raise ConfigError(f"tracking.uri={uri}: the server there answers /health with HTTP {e.code}, so it "
+                                  f"is not an MLflow tracking server; check the host and port") from None
         except (OSError, ValueError) as e:
             why = getattr(e, "reason", None) or e
             raise ConfigError(f"tracking.uri={uri}: no MLflow server answers within {timeout:g} s ({why}); "
@@ -72,13 +76,11 @@ def check_uri(uri: str, timeout: float = 5.0) -> None:
 
 def ui_command(uri: str) -> str:
     """The shell command that opens the MLflow UI on the store at ``uri``."""
-    import sys
-
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
-    script = Path(sys.executable).parent / "rayexp"  # works from any shell, venv active or not
-    cmd = str(script) if script.is_file() else f"{sys.executable} -m rayexp.cli"
-    return f"{cmd} ui" + ("" if uri == last_sweep().get("uri") else f" --uri {uri}")
+    from rayexp.cli import shell_command
+
+    return shell_command("ui") + ("" if uri == last_sweep().get("uri") else f" --uri {uri}")
 
 
 def runs_link(server: str, experiment_id: str) -> str:

@@ -44,6 +44,28 @@ def test_bad_input_exits_2_before_ray_in_one_line(tmp_path, override, needle):
     assert not (tmp_path / "out").exists() or override.startswith("output_dir")
 
 
+def test_a_web_server_that_is_not_mlflow_and_a_dry_run_with_a_missing_corpus_exit_2_in_one_line(tmp_path):
+    """A plain HTTP server (404 on /health) is named as not MLflow before Ray starts; --dry-run reads local
+    corpora too (and starts nothing)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_port}"
+        out, secs = _cli("rayexp.sweep", tmp_path, f"data.cache_dir={tmp_path}/cache", f"tracking.uri={uri}")
+    finally:
+        server.shutdown()
+    assert out.returncode == 2 and secs < 30, (out.stdout, out.stderr)
+    assert out.stderr.strip() == (f"error: tracking.uri={uri}: the server there answers /health with HTTP 404, "
+                                  f"so it is not an MLflow tracking server; check the host and port")
+    dry, _ = _cli("rayexp.sweep", tmp_path, "--dry-run", "data.corpus=text:/nonexistent")
+    assert dry.returncode == 2 and dry.stdout == "" and dry.stderr.startswith("error: data.corpus: file not found")
+
+
 def _runs(uri, experiment="adam_vs_sgd"):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -112,7 +134,8 @@ def test_sigterm_to_the_process_group_exits_130_at_once_and_resume_finishes(tmp_
     assert rc == 130 and "Failed to connect to GCS" not in out, (secs, out)
     assert "Tuner.restore" not in out and "Failed to fetch" not in out, out
     last = out.strip().splitlines()[-1]
-    assert "--resume adam_vs_sgd-" in last, out
+    from rayexp.cli import shell_command  # the printed command runs from any shell, venv active or not
+    assert f"{shell_command('sweep')} --resume adam_vs_sgd-" in last and shell_command("sweep").startswith("/"), out
     runs = _runs(f"sqlite:///{tmp_path}/mlflow.db")
     assert {r.info.status for r in runs if r.data.tags.get("rayexp.kind") == "sweep"} == {"KILLED"}
     assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]

@@ -38,7 +38,7 @@ def check(corpus: str, timeout: float = 5.0) -> None:
     kind, _, arg = corpus.partition(":")
     if kind in SUFFIXES:
         _files(arg, SUFFIXES[kind])
-    elif kind == "glue" or (kind == "hf" and not Path(arg.partition(":")[0]).expanduser().exists()):
+    elif on_hub(corpus):
         name = GLUE if kind == "glue" else arg.partition(":")[0]
         if _hub_cached(name):
             return
@@ -51,6 +51,12 @@ def check(corpus: str, timeout: float = 5.0) -> None:
         except OSError as e:
             raise ConfigError(f"data.corpus={corpus!r}: not cached and huggingface.co does not answer "
                               f"within {timeout:g} s ({e})") from None
+
+
+def on_hub(corpus: str) -> bool:
+    """True when ``corpus`` names a Hugging Face hub dataset (``glue:NAME``, or ``hf:NAME`` not a local path)."""
+    kind, _, arg = corpus.partition(":")
+    return kind == "glue" or (kind == "hf" and not Path(arg.partition(":")[0]).expanduser().exists())
 
 
 def _hub_cached(name: str) -> bool:

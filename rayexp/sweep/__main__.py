@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("sweep", nargs="?", help=f"sweep YAML (default: {DEFAULT_SWEEP.relative_to(DEFAULT_SWEEP.parents[1])})")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 'optimizer.adamw.lr={grid: [1e-3, 3e-3]}'")
     ap.add_argument("--resume", metavar="NAME", help="finish an interrupted sweep (its run name, or the sweep name for the latest)")
-    ap.add_argument("--dry-run", action="store_true", help="validate and list the trials, start nothing")
+    ap.add_argument("--dry-run", action="store_true", help="validate (local corpora and configs too), list the trials, start nothing")
     return ap
 
 
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         for note in spec.notes():
             print(f"note: {note}", flush=True)
         if args.dry_run:
+            preflight(spec, local=True)
             return _dry_run(spec)
         state = None
         if args.resume:

@@ -39,15 +39,19 @@ def check_hf(exp) -> None:
         get_tokenizer(exp.data.tokenizer)
 
 
-def preflight(spec: SweepSpec, timeout: float = 5.0) -> None:
-    """Every check, cheapest first; raises ConfigError at the first failure."""
+def preflight(spec: SweepSpec, timeout: float = 5.0, local: bool = False) -> None:
+    """Every check, cheapest first; raises ConfigError at the first failure. ``local`` (``--dry-run``): only the
+    checks that neither reach a network nor write (local corpora, hf configs, the strategy)."""
     if spec.base.resources.strategy == "deepspeed" or "resources.strategy" in spec.spaces:  # not inside a trial
         from rayexp.sweep.plan import plan
         from rayexp.train.launch import check_strategy
         for exp in [t.exp for t in plan(spec, "preflight")] or [spec.base]:
             check_strategy(exp)
     for corpus in corpora_of(spec):
-        corpora.check(corpus, timeout)
+        if not (local and corpora.on_hub(corpus)):
+            corpora.check(corpus, timeout)
     check_hf(spec.base)
+    if local:
+        return
     tracking.check_uri(tracking.resolve_uri(spec.base.tracking.uri), timeout)
     check_output_dir(spec.base.output_dir)

@@ -155,7 +155,9 @@ def init_ray() -> None:
 
 def resume_command(state: SweepState) -> str:
     out_root = Path(state.storage).parent
-    return (f"python -m rayexp.sweep --resume {state.run_name}"
+    from rayexp.cli import shell_command
+
+    return (f"{shell_command('sweep')} --resume {state.run_name}"
             + (f" output_dir={out_root}" if out_root != Path("out").resolve() else ""))
 
 
