@@ -1,6 +1,8 @@
 """The CLIs where users meet them: every shipped sweep through ``--dry-run``, the ``rayexp`` umbrella command,
 ``--resume NAME`` lookup, DeepSpeed's refusal before Ray, and one random-search sweep end to end with
 ``hessian.after_training`` through ``rayexp sweep`` (then resumed by its sweep name: nothing runs twice)."""
+import re
+import shlex
 import subprocess
 import sys
 from collections import Counter
@@ -43,6 +45,29 @@ def test_every_shipped_sweep_passes_dry_run(name, capsys):
     assert lines[-1] == f"{n} trials"
     assert [int(line.split()[0]) for line in lines[:-1]] == list(range(1, n + 1))
     assert len({line.split(None, 1)[1] for line in lines[:-1]}) == n  # no trial listed twice
+
+
+def readme_sweep_commands() -> list[list[str]]:
+    """The arguments of every ``python -m rayexp.sweep`` example in README.md (inline or in a code block), but
+    ``--resume`` ones and those with ``<placeholders>`` (cluster addresses)."""
+    text = (ROOT / "README.md").read_text()
+    spans = re.findall(r"`([^`]*python -m rayexp\.sweep[^`]*)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    blocks = [line for b in re.findall(r"```bash\n(.*?)```", text, re.S) for line in b.splitlines()]
+    out = []
+    for cmd in spans + [line for line in blocks if "python -m rayexp.sweep" in line]:
+        args = shlex.split(cmd.split("python -m rayexp.sweep", 1)[1], comments=True)
+        if "<" not in cmd and "--resume" not in args:
+            out.append(args)
+    return out
+
+
+def test_every_sweep_command_in_the_readme_passes_dry_run(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    commands = readme_sweep_commands()
+    assert len(commands) >= 4, commands
+    for args in commands:
+        assert main([*args, "--dry-run"]) == 0, (args, capsys.readouterr())
+        assert capsys.readouterr().out.strip().splitlines()[-1].endswith(" trials"), args
 
 
 def test_random_search_samples_in_bounds_and_crosses_the_grid_with_every_sample():
