@@ -277,11 +277,11 @@ def log_checkpoint(run_id: str, checkpoint_dir: str, uri: Optional[str] = None) 
     MlflowClient(resolve_uri(uri)).log_artifacts(run_id, checkpoint_dir, "checkpoint")
 
 
-def checkpoint_from_run(run_id: str, uri: Optional[str] = None) -> str:
-    """Download the run's ``checkpoint/`` artifact; returns the local directory."""
+def checkpoint_from_run(run_id: str, uri: Optional[str] = None) -> tuple[str, str]:
+    """Download the run's ``checkpoint/`` artifact; returns the local directory and the run's name."""
     client = MlflowClient(resolve_uri(uri))
     dst = tempfile.mkdtemp(prefix=f"rayexp-ckpt-{run_id[:8]}-")
-    return client.download_artifacts(run_id, "checkpoint", dst)
+    return client.download_artifacts(run_id, "checkpoint", dst), client.get_run(run_id).info.run_name or run_id
 
 
 def log_hessian_results(run_id: str, uri: Optional[str], metrics: dict, files: Iterable[str] = ()) -> None:

@@ -175,7 +175,7 @@ def test_hessian_after_training_logs_the_final_checkpoints_curvature(random_swee
     for r in runs:
         hist = {k: client.get_metric_history(r.info.run_id, f"hessian/{k}") for k in ("lambda_max", "hutchinson_trace")}
         assert all([m.step for m in h] == [4] for h in hist.values()), hist
-        ckpt = checkpoint_from_run(r.info.run_id, uri)
+        ckpt, _ = checkpoint_from_run(r.info.run_id, uri)
         assert yaml.safe_load((Path(ckpt) / "config.yaml").read_text())["optimizer"]["lr"] == \
             float(r.data.params["optimizer.lr"])
         ref, _ = analyze_checkpoint(ckpt, out_dir=str(tmp / "ref" / r.info.run_id), progress=False)

@@ -3,6 +3,7 @@ errors (bad fields, a plan that cannot fit, a truncated checkpoint), sharding th
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,6 +78,22 @@ def test_cli_writes_plan_npz_plots_and_table(checkpoint, capsys):
     assert values["l11_inf"] == pytest.approx(exact_rows.max(), rel=0.5)
     with open("res/block_densities.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert str(z["title"]) == f"{Path(checkpoint).parent.name}/ckpt: step 0, adamw lr=0.001"  # also every plot's
+
+
+def test_plot_titles_name_the_run_step_and_optimizer(checkpoint, monkeypatch):
+    """Each figure's title: the task's plot name, then run (checkpoint folder, or MLflow run), step, optimizer."""
+    import matplotlib.figure
+    from rayexp.hessian import analyze_checkpoint
+    from rayexp.config import HessianConfig
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: titles.extend(ax.get_title() for ax in fig.axes if ax.get_title()))
+    analyze_checkpoint(checkpoint, HessianConfig(tasks=["slq", "slq_blocks"], probes=2, slq_steps=4, batches=1,
+                                                 batch_size=2), out_dir="t", progress=False, title="MLflow run adamw-s0")
+    want = "MLflow run adamw-s0: step 0, adamw lr=0.001"
+    assert titles[:2] == [f"SLQ spectral density\n{want}", f"blockwise SLQ densities\n{want}"], titles
 
 
 def test_cli_logs_to_mlflow_run(checkpoint, capsys):

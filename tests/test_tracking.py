@@ -48,8 +48,8 @@ def test_local_store_holds_params_metrics_config_and_resume_does_not_duplicate(i
     steps = [m.step for m in client.get_metric_history(rep.run_id, "train_loss")]
     assert len(steps) == len(set(steps))
     assert len(tracking.runs_of(uri, "trk")) == 1
-    ckpt = tracking.checkpoint_from_run(rep.run_id, uri)
-    assert (ckpt and __import__("os").path.exists(f"{ckpt}/model.pt"))
+    ckpt, name = tracking.checkpoint_from_run(rep.run_id, uri)
+    assert (ckpt and __import__("os").path.exists(f"{ckpt}/model.pt")) and name == client.get_run(rep.run_id).info.run_name
 
 
 @pytest.mark.slow

@@ -74,16 +74,17 @@ def _run(args) -> int:
     from rayexp.hessian.io import format_table
     from rayexp.train.checkpoint import load_experiment
 
-    path = args.checkpoint
+    path, title = args.checkpoint, ""
     if args.run:
         from rayexp.tracking import checkpoint_from_run
         try:
-            path = checkpoint_from_run(args.run, args.uri)
+            path, run_name = checkpoint_from_run(args.run, args.uri)
+            title = f"MLflow run {run_name}"
         except Exception as e:
             raise ConfigError(f"--run {args.run}: no checkpoint artifact could be fetched ({type(e).__name__})") from None
     cfg = _config(args, load_experiment(path).hessian)
     results, files = analyze_checkpoint(path, cfg, out_dir=args.out, progress=not args.no_progress,
-                                        echo=lambda text: print(text, flush=True))
+                                        echo=lambda text: print(text, flush=True), title=title)
     print(format_table(results))
     print("files: " + ", ".join(files))
     if args.run:

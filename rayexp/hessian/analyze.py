@@ -83,8 +83,9 @@ def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, o
                        progress: bool = True, echo: Optional[Callable[[str], None]] = None,
                        title: str = "") -> tuple[dict, list[str]]:
     """Load a checkpoint (``hessian.attention``, no dropout), analyze it on fixed batches and save the files
-    under ``out_dir`` (default ``<checkpoint>/hessian``). Returns (results, files)."""
-    from rayexp.train.checkpoint import load_model
+    under ``out_dir`` (default ``<checkpoint>/hessian``), their plots titled with the run (``title``, default
+    the checkpoint's folder), its step and its optimizer. Returns (results, files)."""
+    from rayexp.train.checkpoint import load_model, load_state
 
     cfg0 = hessian_cfg
     try:
@@ -97,7 +98,9 @@ def analyze_checkpoint(path: str, hessian_cfg: Optional[HessianConfig] = None, o
     cfg = cfg0 or exp.hessian
     rotation = training_rotation(model, exp, path) if cfg.l11_rotation == "train" and "l11" in cfg.tasks else None
     results = analyze(model, fixed_batches(exp, cfg), cfg, progress=progress, echo=echo, train_rotation=rotation)
-    name = title or f"{Path(path).resolve().parent.name}/{Path(path).name}: {exp.optimizer.name} lr={exp.optimizer.lr:.3g}"
+    step = load_state(path)["step"] if (Path(path) / "state.pt").is_file() else "?"
+    run = title or f"{Path(path).resolve().parent.name}/{Path(path).name}"
+    name = f"{run}: step {step}, {exp.optimizer.name} lr={exp.optimizer.lr:.3g}"
     files = save_results(results, out_dir or Path(path) / "hessian", name)
     return results, files
 

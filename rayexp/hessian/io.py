@@ -53,6 +53,7 @@ def save_results(results: dict, out_dir: str | Path, title: str = "") -> list[st
     arrays = dict(results["arrays"])
     arrays["metric_names"] = np.array(list(results["metrics"]))
     arrays["metric_values"] = np.array(list(results["metrics"].values()), dtype=float)
+    arrays["title"] = np.array(title)  # which run, step and optimizer the file describes
     files = [str(out / "hessian.npz")]
     np.savez_compressed(files[0], **arrays)
     return files + _plots(results["arrays"], out, title)
