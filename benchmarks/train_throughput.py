@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import math
 import statistics
 import sys
 import time

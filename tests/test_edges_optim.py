@@ -13,7 +13,6 @@
   warm-up note; plan: Trial.label of a dict value, trials_of's indices (hand-counted).
 """
 import copy
-import math
 import random
 
 import numpy as np

@@ -14,7 +14,6 @@ quirks on it reproduces, from reading the seed:
   (gdtuo.py:536), which under momentum repeats the momentum step;
 - train_ddp.py:356-358: hypergradients zeroed while the micro-iteration < hypergrad_init_iter.
 """
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn

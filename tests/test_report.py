@@ -9,7 +9,6 @@ import math
 import re
 import shutil
 import subprocess
-import urllib.parse
 from pathlib import Path
 
 import numpy as np
