@@ -219,7 +219,7 @@ def hessian(uri: str, run, cfg: HessianConfig, out: Path, label: Optional[str] =
     from rayexp.tracking import checkpoint_from_run, log_hessian_results
 
     t0 = time.perf_counter()
-    path = checkpoint_from_run(run.info.run_id, uri)
+    path, _ = checkpoint_from_run(run.info.run_id, uri)
     results, files = analyze_checkpoint(path, cfg, out_dir=str(out / "hessian" / run.info.run_id[:8]), progress=False,
                                         title=run.info.run_name)
     if label:
