@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_optim_mada import numpy_mada
 
 from rayexp.config import MADA_COEFS, ConfigError, MadaConfig, OptimizerConfig, RotationConfig
 from rayexp.optim import build_optimizer, fused
@@ -159,48 +160,13 @@ def train(model, opt, steps, start=0):
         opt.step()
 
 
-def numpy_mada_g_prev_zero(model, steps, lr, k, eps):
-    """docs/methods.md's MADA update in numpy (float64) with seed quirk g_prev_zero: g_prev is always 0, so
-    ĝ = (1 + β3) g and n ← β3 n + (1 − β3) g; v = v̄ = 1e-15 and n = g² at the first step."""
-    params = [p.detach().numpy().copy() for p in model.parameters()]
-    m = [np.zeros_like(p) for p in params]
-    v = [np.full_like(p, 1e-15) for p in params]
-    vbar = [np.full_like(p, 1e-15) for p in params]
-    n = [np.zeros_like(p) for p in params]
-    ml = [np.zeros_like(p) for p in params]
-    b1, b2, b3, rho, c, gam = (k[x] for x in MADA_COEFS)
-    for t in range(1, steps + 1):
-        with torch.no_grad():
-            for p, q in zip(model.parameters(), params):
-                p.copy_(torch.from_numpy(q))
-        model.zero_grad()
-        loss_at(model, t - 1).backward()
-        for i, p in enumerate(model.parameters()):
-            g = p.grad.numpy().copy()
-            if t == 1:
-                n[i] = g * g
-            gh = (1 + b3) * g
-            s = c * gh ** 2 + (1 - c) * (v[i] + gh ** 2 * np.sign(gh ** 2 - v[i]))
-            m[i] = b1 * m[i] + (1 - b1) * g
-            v[i] = b2 * v[i] + (1 - b2) * s
-            n[i] = b3 * n[i] + (1 - b3) * g
-            vbar[i] = (v[i] + (t - 1) * vbar[i]) / t
-            ml[i] = 0.98 * ml[i] + 0.02 * g
-            u = 0.95 * ml[i] + 0.05 * g
-            mhat = m[i] / (1 - b1 ** t)
-            vhat = (rho * v[i] + (1 - rho) * vbar[i]) / (1 - b2 ** t)
-            params[i] = params[i] - lr * (gam * (mhat + b3 * n[i]) / (np.sqrt(vhat) + eps)
-                                          + (1 - gam) * np.sign(u))
-    return params
-
-
 def test_mada_g_prev_zero_quirk_matches_numpy_transcription():
     """Fixed coefficients (hyper-lr 0), quirk g_prev_zero, 8 steps: θ == the numpy transcription to 1e-12,
     and differs from default MADA (the quirk is not vacuous here)."""
     coefs = dict(COEFS, rho=0.6)
     cfg = mada_cfg(quirks=["g_prev_zero"], rho=0.6)
     train(model := net(), build_optimizer(model, cfg), 8)
-    ref = numpy_mada_g_prev_zero(net(), 8, 0.05, coefs, cfg.mada.eps)
+    ref = numpy_mada(net(), 8, 0.05, coefs, cfg.mada.eps, g_prev_zero=True, loss=loss_at)
     for a, b in zip(model.parameters(), ref):
         np.testing.assert_allclose(a.detach().numpy(), b, atol=1e-12)
     train(plain := net(), build_optimizer(plain, mada_cfg(rho=0.6)), 8)

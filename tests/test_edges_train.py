@@ -14,25 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from test_edges import cache, tiny  # noqa: F401 (cache: the module-scoped fixture)
 
 from rayexp.config import ConfigError, validate
 from rayexp.hessian.hvp import HVP, _exact_kernels, check_model
-from rayexp.spaces import load_experiment
 from rayexp.train.checkpoint import load_model, load_state, save_checkpoint, unwrap, verify
 from rayexp.train.loop import run_training
-
-TINY = ["model.preset=null", "model.n_layer=1", "model.n_head=1", "model.n_embd=8", "model.block_size=8",
-        "train.batch_size=4", "train.eval_batches=1", "train.log_every=1", "train.warmup=0",
-        "train.log_block_grad_norms=false"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def tiny(tmp, cache, *overrides):
-    return load_experiment(None, TINY + [f"output_dir={tmp}", f"data.cache_dir={cache}", *overrides])
 
 
 class Param(nn.Module):

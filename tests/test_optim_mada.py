@@ -38,9 +38,11 @@ def train(model, opt, steps):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def numpy_mada(model, steps, lr, k, eps, wd=0.0):
-    """ALGORITHMS.md's MADA update, transcribed in numpy (float64), gradients from torch autograd; the seed's
-    start (gdtuo.py:320-328): v = v̄ = 1e-15, n = g² at the first step."""
+def numpy_mada(model, steps, lr, k, eps, wd=0.0, g_prev_zero=False, loss=None):
+    """ALGORITHMS.md's MADA update, transcribed in numpy (float64), gradients from torch autograd of ``loss``
+    (default this file's ``loss_at``); the seed's start (gdtuo.py:320-328): v = v̄ = 1e-15, n = g² at the first
+    step. ``g_prev_zero``: seed quirk, g_prev stays 0, so ĝ = (1 + β3) g and n ← β3 n + (1 − β3) g."""
+    loss = loss or loss_at
     params = [p.detach().numpy().copy() for p in model.parameters()]
     z = [np.zeros_like(p) for p in params]
     m, v, vbar, n, gp, ml = ([a.copy() for a in z] for _ in range(6))
@@ -52,7 +54,7 @@ def numpy_mada(model, steps, lr, k, eps, wd=0.0):
             for p, q in zip(model.parameters(), params):
                 p.copy_(torch.from_numpy(q))
         model.zero_grad()
-        loss_at(model, t - 1).backward()
+        loss(model, t - 1).backward()
         gs = [p.grad.numpy().copy() for p in model.parameters()]
         for i, g in enumerate(gs):
             if t == 1:
@@ -62,7 +64,7 @@ def numpy_mada(model, steps, lr, k, eps, wd=0.0):
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * s
             n[i] = b3 * n[i] + (1 - b3) * (g - gp[i])
-            gp[i] = g
+            gp[i] = gp[i] if g_prev_zero else g
             vbar[i] = (v[i] + (t - 1) * vbar[i]) / t
             ml[i] = 0.98 * ml[i] + 0.02 * g
             u = 0.95 * ml[i] + 0.05 * g
